@@ -1,0 +1,1 @@
+"""hakubooru: danbooru2023 metadata + image archives -> captioned webdataset shards."""
