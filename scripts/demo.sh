@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The README's first command: set up, then run the whole pipeline on built-in demo data —
+# synthetic database + image archives -> epsilon selection -> captions -> shards -> a short
+# CPU training of the tiny SDXL-shaped model with LoKr.
+source "$(dirname "$0")/setup.sh"
+python examples/epsilon_selection.py --workdir demo --out demo/out
+python -m trainers.lokr --config tiny --shards demo/out --output demo/train --max-steps 20

@@ -1,0 +1,83 @@
+"""open_db: read-only access, schema checks and clear errors for bad files."""
+import sqlite3
+
+import peewee
+import pytest
+
+from hakubooru import HakubooruError, open_db
+from hakubooru.db import Post, PostTagRelation, Tag, file_digest, fingerprint
+from tests.handdb import post, write_db
+
+
+@pytest.fixture
+def dbfile(tmp_path):
+    return write_db(tmp_path / "d.db", [post(1, rating=3, fav=7), post(2, gold=True)],
+                    [(1, "1girl", 0, 10), (2, "ask_(askzy)", 1, 3)], [(1, 1), (1, 2)])
+
+
+def test_models_read_plain_sql_database(dbfile):
+    db = open_db(dbfile)
+    p = Post.get_by_id(1)
+    assert (p.rating, p.fav_count, p.file_ext, p.is_deleted) == ("explicit", 7, "jpg", False)
+    assert Post.get_by_id(2).md5 is None
+    tags = [(r.tag.name, r.tag.type) for r in PostTagRelation.select().where(PostTagRelation.post == 1)]
+    assert tags == [("1girl", "general"), ("ask_(askzy)", "artist")]
+    assert Tag.select().where(Tag.type == "artist").count() == 1  # enum names work in queries
+    with pytest.raises(HakubooruError, match="unknown rating 'nsfw'"):
+        Post.select().where(Post.rating == "nsfw").count()
+
+
+def test_read_only(dbfile):
+    before = file_digest(dbfile)
+    open_db(dbfile)
+    with pytest.raises(peewee.OperationalError, match="readonly|read-only|query_only"):
+        Post.delete().execute()
+    with pytest.raises(peewee.OperationalError):
+        Post.update(score=0).execute()
+    assert file_digest(dbfile) == before
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(HakubooruError, match=r"^database not found: .*nope\.db$"):
+        open_db(tmp_path / "nope.db")
+
+
+def test_not_sqlite(tmp_path):
+    (tmp_path / "x.db").write_bytes(b"PK\x03\x04 this is a zip, not a database" * 20)
+    with pytest.raises(HakubooruError, match="not an SQLite database file"):
+        open_db(tmp_path / "x.db")
+
+
+def test_old_tag_list_schema(tmp_path):
+    conn = sqlite3.connect(tmp_path / "old.db")
+    conn.execute("CREATE TABLE post (id INTEGER PRIMARY KEY, tag_list TEXT, tag_list_general TEXT)")
+    conn.execute("CREATE TABLE tag (id INTEGER PRIMARY KEY, name TEXT, type INT, popularity INT)")
+    conn.commit()
+    conn.close()
+    with pytest.raises(HakubooruError, match="old danbooru2023.db schema"):
+        open_db(tmp_path / "old.db")
+
+
+def test_missing_table_and_column(tmp_path):
+    conn = sqlite3.connect(tmp_path / "a.db")
+    conn.execute("CREATE TABLE something (id INTEGER)")
+    conn.commit()
+    conn.close()
+    with pytest.raises(HakubooruError, match="no table 'post'"):
+        open_db(tmp_path / "a.db")
+    conn = sqlite3.connect(tmp_path / "b.db")
+    conn.execute("CREATE TABLE post (id INTEGER PRIMARY KEY, created_at TEXT)")
+    conn.execute("CREATE TABLE tag (id INTEGER PRIMARY KEY, name TEXT, type INT, popularity INT)")
+    conn.execute("CREATE TABLE posttagrelation (id INTEGER PRIMARY KEY, post_id INT, tag_id INT)")
+    conn.commit()
+    conn.close()
+    with pytest.raises(HakubooruError, match="table 'post' lacks column.*fav_count"):
+        open_db(tmp_path / "b.db")
+
+
+def test_fingerprint_changes_with_content(tmp_path):
+    a = write_db(tmp_path / "a.db", [post(1)], [], [])
+    b = write_db(tmp_path / "b.db", [post(1), post(2)], [], [])
+    fa, fb = fingerprint(open_db(a)), fingerprint(open_db(b))
+    assert fa != fb and fa.endswith("posts=1") and fb.endswith("posts=2")
+    assert fingerprint(open_db(a)) == fa  # stable
