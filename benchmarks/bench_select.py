@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -19,20 +18,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from common import BENCH_DATA, synth_db  # noqa: E402
 from epsilon_selection import REAL_ID_SPAN, SEED, WINDOWS, epsilon_selector  # noqa: E402
 
 from hakubooru import open_db  # noqa: E402
 from hakubooru.db import Post  # noqa: E402
 from hakubooru.selector import STILL_IMAGE_EXTS  # noqa: E402
-
-
-def ensure_db(data: Path, posts: int) -> Path:
-    db = data / f"synth-{posts // 1000}k" / "danbooru2023.db"
-    if not db.exists():
-        subprocess.run([sys.executable, "-m", "hakubooru.synth", "--posts", str(posts),
-                        "--no-images", "--out", str(db.parent)], check=True, cwd=ROOT)
-    return db
 
 
 def hakubooru_way(scale: float) -> int:
@@ -52,9 +45,9 @@ def hakubooru_way(scale: float) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--posts", type=int, default=1_000_000)
-    ap.add_argument("--data", default=str(ROOT / "bench-data"))
+    ap.add_argument("--data", default=str(BENCH_DATA))
     args = ap.parse_args()
-    db_path = ensure_db(Path(args.data), args.posts)
+    db_path = synth_db(args.posts, Path(args.data))
     db = open_db(db_path)
     scale = args.posts / REAL_ID_SPAN
     print(f"database: {db_path} ({args.posts:,} posts); sample scale {scale:.4f}")

@@ -391,7 +391,12 @@ class _Filter(Selector):
     def _evaluate(self, db):
         if self.child._sql(db) is not NotImplemented:
             return super()._evaluate(db)
-        return _filter_ids(db, self.child._evaluate(db), self.expr)
+        # a chain of filters over a materialised set: one pass with all conditions
+        conds, base = [self.expr], self.child
+        while isinstance(base, _Filter):
+            conds.append(base.expr)
+            base = base.child
+        return _filter_ids(db, base._evaluate(db), reduce(operator.and_, conds))
 
     def _to_dict(self):
         return {"op": "filter", "label": self.label, "child": self.child._to_dict(),
