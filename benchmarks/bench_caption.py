@@ -26,13 +26,15 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from common import synth_db  # noqa: E402
 
 from hakubooru.captioner import Captioner  # noqa: E402
 from hakubooru.db import open_db  # noqa: E402
 from hakubooru.quality import LOWEST_QUALITY, QUALITY_LEVELS  # noqa: E402
 from hakubooru.tagrules import RATING_TAGS, YEAR_TAGS  # noqa: E402
 
-DEFAULT_DATA = ROOT / "bench-data" / "synth-1m"
 HAKUBOORU_DIR = ROOT / "bench-data" / "hakubooru-0.0.3"
 # Tags both captioners add from post fields; left out when comparing content tags.
 POST_FIELD_TAGS = ({LOWEST_QUALITY} | {t for _, t in QUALITY_LEVELS} | {t for _, t in YEAR_TAGS}
@@ -89,15 +91,6 @@ def ours(db, ids, keep_ids: set) -> tuple[dict, Captioner]:
     return kept, cap
 
 
-def ensure_data(db_path: Path, posts: int) -> None:
-    if db_path.exists():
-        return
-    out = db_path.parent
-    print(f"making {db_path} ({posts:,} posts) ...", flush=True)
-    subprocess.run([sys.executable, "-m", "hakubooru.synth", "--posts", str(posts), "--no-images",
-                    "--out", str(out)], cwd=ROOT, check=True)
-
-
 def ensure_hakubooru() -> None:
     if (HAKUBOORU_DIR / "hakubooru" / "caption.py").exists():
         return
@@ -111,13 +104,13 @@ def content_tags(tags) -> set[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--db", type=Path, default=DEFAULT_DATA / "danbooru2023.db")
+    parser.add_argument("--db", type=Path, help="database to use (default: a synthetic one of --posts posts)")
     parser.add_argument("--posts", type=int, default=1_000_000, help="size of the synthetic database if made")
     parser.add_argument("--hakubooru-sample", type=int, default=10_000, help="posts HakuBooru captions")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of 1. and 2.; the best is kept")
     args = parser.parse_args()
 
-    ensure_data(args.db, args.posts)
+    args.db = args.db or synth_db(args.posts)
     ensure_hakubooru()
     db = open_db(args.db)
     ids = np.fromiter((r[0] for r in db.execute_sql("SELECT id FROM post ORDER BY id")), dtype=np.int64)
