@@ -42,7 +42,7 @@ def build(cfg: dict, device: str, tiny: bool, checkpointing: bool):
         sdxl = sdxl_base_architecture(device, base_dtype)
         # The real tokenizers' vocabulary is not shipped; the tiny byte-level ones give valid
         # ids, and with a fixed number of windows the text encoders' cost is the same.
-        sdxl.tokenizer_1, sdxl.tokenizer_2 = tiny_tokenizers(Path("bench-data") / "gpu-step-tokenizers")
+        sdxl.tokenizer_1, sdxl.tokenizer_2 = tiny_tokenizers()
     for model in (sdxl.unet, sdxl.vae, sdxl.text_encoder_1, sdxl.text_encoder_2):
         model.requires_grad_(False)
     if checkpointing:
@@ -69,7 +69,7 @@ def step(sdxl, optimizer, scaler, cfg, batch: int, size: int, device: str, i: in
     timesteps, noise = draws.timesteps.to(device), draws.noise.to(device)
     with torch.no_grad():
         latents = sdxl.vae.encode(pixels).latent_dist.sample() * sdxl.vae.config.scaling_factor
-    noisy = sdxl.noise_scheduler.add_noise(latents, noise, timesteps.cpu()).to(device)
+    noisy = sdxl.noise_scheduler.add_noise(latents, noise, timesteps)
     time_ids = torch.tensor([[size, size, 0, 0, size, size]] * batch, dtype=torch.float32, device=device)
     amp = dict(device_type="cuda" if device.startswith("cuda") else "cpu",
                dtype=torch.float16, enabled=device.startswith("cuda"))

@@ -1,0 +1,66 @@
+"""`--dry-run`: the epsilon LoKr on the real SDXL architecture (meta device) fits 800 MB."""
+import os
+import sys
+from pathlib import Path
+
+from trainers.lokr.config import load_config
+from trainers.lokr.dryrun import BUDGET_BYTES, dry_run, main
+from trainers.lokr.models import tiny_sdxl
+from trainers.lokr.network import create_lokr, save_lokr
+from tests.torch_threads import one_torch_thread  # noqa: F401  (autouse)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench_gpu_step  # noqa: E402
+
+
+def test_epsilon_lokr_is_under_800_mb():
+    report = dry_run(load_config("epsilon"))
+    assert report.save_dtype == "fp16"
+    assert report.file_bytes < BUDGET_BYTES == 800_000_000
+    rows = {(g.network, g.block): g for g in report.groups}
+    # Modules by hand from the SDXL base config:
+    # transformer blocks: down 2 x 2 (640 ch) + 2 x 10 (1280) + mid 10 + up 3 x 10 (1280)
+    #   + 3 x 2 (640) = 70; each has attn1 + attn2 (4 Linear each) and a FeedForward (2 Linear).
+    # ResnetBlock2D: 6 down + 2 mid + 9 up = 17, each conv1, conv2, time_emb_proj = 51, plus
+    #   conv_shortcut where channels change (first resnet of down 1 and 2, all 9 up) = 11.
+    # text encoders: 12 (CLIP-L) and 32 (bigG) layers of q, k, v, out_proj and fc1, fc2.
+    assert {k: g.modules for k, g in rows.items()} == {
+        ("unet", "Attention"): 560, ("unet", "FeedForward"): 140, ("unet", "ResnetBlock2D"): 62,
+        ("te1", "CLIPAttention"): 48, ("te1", "CLIPMLP"): 24, ("te2", "CLIPAttention"): 128, ("te2", "CLIPMLP"): 64}
+    # LoKr parameters of the UNet's attention at factor f = 4, by hand. A Linear out x in
+    # keeps w1 (4 x 4) and w2 (out/4 x in/4). Per transformer block of width c: attn1's four
+    # c x c and attn2's to_q, to_out (c x c) -> 6 (c^2/16 + 16); attn2's to_k, to_v read the
+    # 2048-wide text states -> 2 (c * 2048/16 + 16). Total 3c^2/8 + 256c + 128:
+    #   c = 640:  153,600 + 163,840 + 128 = 317,568, in 10 blocks -> 3,175,680
+    #   c = 1280: 614,400 + 327,680 + 128 = 942,208, in 60 blocks -> 56,532,480
+    assert rows[("unet", "Attention")].factor == 4
+    assert rows[("unet", "Attention")].params == 3_175_680 + 56_532_480
+    # three tensors (alpha, lokr_w1, lokr_w2) per module in the file
+    assert all(g.tensors == 3 * g.modules for g in report.groups)
+
+
+def test_cli_prints_table_and_budget_verdict(capsys):
+    assert main(load_config("epsilon")) == 0
+    out = capsys.readouterr().out
+    assert "unet Attention" in out and "te2 CLIPMLP" in out and "within the recipe's 800 MB budget" in out
+    # factor 2 everywhere keeps ~1/4 of every weight: about 1.6 GB in fp16, over budget
+    everything_2 = [(f"lokr.factors.{k}", 2) for k in
+                    ("Attention", "FeedForward", "ResnetBlock2D", "CLIPAttention", "CLIPMLP")]
+    assert main(load_config("epsilon", everything_2)) == 1
+    assert "OVER the recipe's 800 MB budget" in capsys.readouterr().out
+
+
+def test_file_size_estimate_matches_a_saved_file(tmp_path):
+    # The same counting on the tiny model, next to the real file written by save_lokr.
+    cfg = load_config("epsilon")
+    estimate = dry_run(cfg, tiny_sdxl()).file_bytes
+    path = save_lokr(create_lokr(tiny_sdxl(), cfg["lokr"]), tmp_path / "lokr.safetensors", {"step": "1"})
+    assert abs(estimate - os.path.getsize(path)) / os.path.getsize(path) < 0.01
+
+
+def test_gpu_bench_smoke_on_cpu(capsys):
+    # The GPU benchmark's code path, run on the CPU with the tiny model: one timed step.
+    assert bench_gpu_step.main(["--device", "cpu", "--tiny", "--steps", "1", "--batch", "1", "--no-baseline"]) == 0
+    out = capsys.readouterr().out
+    assert "tiny SDXL on cpu: batch 1, 64x64" in out
+    assert "s/step" in out and "peak RSS" in out

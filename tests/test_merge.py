@@ -1,0 +1,96 @@
+"""A trained LoKr gives the same outputs hooked in (training), reloaded by LyCORIS's own
+loader, and merged into the weights (in memory, as a single file and as a folder)."""
+import pytest
+import torch
+from lycoris import create_lycoris_from_weights
+from safetensors.torch import load_file
+
+from hakubooru.errors import HakubooruError
+from trainers.lokr.merge import main, merge_lokr
+from trainers.lokr.models import load_sdxl, save_sdxl, tiny_sdxl
+from trainers.lokr.network import TextModelView, create_lokr, save_lokr
+from trainers.lokr.text import encode_prompts
+from tests.torch_threads import one_torch_thread  # noqa: F401  (autouse)
+
+FACTORS = {"Attention": 4, "FeedForward": 4, "ResnetBlock2D": 8, "CLIPAttention": 2, "CLIPMLP": 4}
+CAPTIONS = ["1girl, solo, long hair, smile", "no humans, scenery, sky"]
+# Merged and hooked-in forwards add the same delta to the same weights, but in a different
+# order of float32 operations: allow 1e-5 where outputs are of order 1.
+TOL = dict(rtol=0, atol=1e-5)
+
+
+def outputs(sdxl):
+    """UNet prediction from the model's own text conditioning: exercises all three LoKrs."""
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        context, pooled = encode_prompts(sdxl, CAPTIONS)
+        pred = sdxl.unet(torch.randn(2, 4, 8, 8, generator=g), torch.tensor([50, 900]),
+                         encoder_hidden_states=context,
+                         added_cond_kwargs={"text_embeds": pooled,
+                                            "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)}).sample
+    return pred, context, pooled
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A LoKr with non-zero weights (as after training), its file, and its outputs."""
+    sdxl = tiny_sdxl(seed=0)
+    base = outputs(sdxl)[0]
+    network = create_lokr(sdxl, {"full_matrix": True, "factors": FACTORS})
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in network.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    expected = outputs(sdxl)
+    # the LoKr must matter, or every comparison below would pass trivially
+    assert (expected[0] - base).abs().max() > 0.1
+    path = save_lokr(network, tmp_path_factory.mktemp("lokr") / "lokr.safetensors", {"step": 5}, dtype="fp32")
+    return path, expected
+
+
+def assert_outputs_close(got, expected):
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, **TOL)
+
+
+def test_lycoris_generic_loader_gives_training_outputs(trained):
+    path, expected = trained
+    sdxl = tiny_sdxl(seed=0)
+    # create_lycoris_from_weights names modules "lycoris_<path>" within the module it is given;
+    # a holder with children unet / te1 / te2 (text encoder 1 seen under .text_model, like
+    # the kohya names) makes "<path>" exactly the rest of each kohya name after "lora_".
+    holder = torch.nn.Module()
+    holder.unet, holder.te1, holder.te2 = sdxl.unet, TextModelView(sdxl.text_encoder_1), sdxl.text_encoder_2
+    weights = {"lycoris_" + k.removeprefix("lora_"): v for k, v in load_file(path).items()}
+    network, _ = create_lycoris_from_weights(1.0, None, holder, weights_sd=weights)
+    assert len(network.loras) == 150 + 36
+    assert all(lora.scale == 1 for lora in network.loras)
+    network.apply_to()
+    assert_outputs_close(outputs(sdxl), expected)
+
+
+def test_merged_in_memory_gives_training_outputs(trained):
+    path, expected = trained
+    assert_outputs_close(outputs(merge_lokr(tiny_sdxl(seed=0), path)), expected)
+
+
+def test_merge_cli_single_file_and_folder(trained, tmp_path, capsys):
+    path, expected = trained
+    base = tmp_path / "base"
+    save_sdxl(tiny_sdxl(seed=0), base)
+    out_file = tmp_path / "merged.safetensors"
+    assert main(["--pretrained", str(base), "--lokr", str(path), "--out", str(out_file), "--dtype", "fp32"]) == 0
+    assert "merged" in capsys.readouterr().out
+    assert_outputs_close(outputs(load_sdxl(out_file, config=base)), expected)
+    out_dir = tmp_path / "merged"
+    assert main(["--pretrained", str(base), "--lokr", str(path), "--out", str(out_dir), "--dtype", "fp32"]) == 0
+    assert_outputs_close(outputs(load_sdxl(out_dir)), expected)
+    # fp16 output: the same model within half precision
+    half = tmp_path / "half.safetensors"
+    main(["--pretrained", str(base), "--lokr", str(path), "--out", str(half)])
+    got = outputs(load_sdxl(half, config=base))[0]
+    torch.testing.assert_close(got, expected[0], rtol=0, atol=2e-2)
+    with pytest.raises(HakubooruError, match="already exists"):
+        main(["--pretrained", str(base), "--lokr", str(path), "--out", str(out_file)])
+    with pytest.raises(HakubooruError, match="LoKr file not found"):
+        main(["--pretrained", "tiny", "--lokr", str(tmp_path / "none.safetensors"), "--out", str(tmp_path / "x")])

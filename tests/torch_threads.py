@@ -1,0 +1,15 @@
+"""One torch thread for tests of tiny models.
+
+On the shared 2-core machine, torch's intra-op threads spin against other processes: a tiny
+SDXL forward takes ~2 s with 2 threads under load and ~0.1 s with one. Import the fixture
+into a test module to run that module single-threaded (restored afterwards)."""
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,0 +1,98 @@
+"""`--dry-run`: the LoKr of a config on the real SDXL architecture (meta device, no weights):
+modules, parameters and file size per module group, against the recipe's 800 MB budget."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from trainers.lokr.models import sdxl_on_meta
+from trainers.lokr.network import SAVE_DTYPES, TEXT_TARGETS, UNET_TARGETS, create_lokr
+
+BUDGET_BYTES = 800 * 1000 ** 2  # recipe §3: the LoKr file is under 800 MB
+HEADER_BYTES_PER_TENSOR = 128   # safetensors JSON header entry (name, dtype, shape, offsets), rounded up
+
+
+@dataclass
+class Group:
+    """One module group: a block class inside one of the three networks."""
+
+    network: str          # unet | te1 | te2
+    block: str            # Attention, FeedForward, ResnetBlock2D, CLIPAttention, CLIPMLP
+    factor: int
+    modules: int = 0      # LoKr modules (one per wrapped Linear / Conv)
+    params: int = 0       # trainable LoKr parameters
+    tensors: int = 0      # tensors in the file (alpha, lokr_w1, lokr_w2 per module)
+
+
+@dataclass
+class DryRunReport:
+    """Everything `--dry-run` prints; `file_bytes` is the size of the saved LoKr file."""
+
+    save_dtype: str
+    groups: list[Group] = field(default_factory=list)
+
+    @property
+    def params(self) -> int:
+        return sum(g.params for g in self.groups)
+
+    @property
+    def file_bytes(self) -> int:
+        size = SAVE_DTYPES[self.save_dtype].itemsize
+        return sum((g.params + g.modules) * size + g.tensors * HEADER_BYTES_PER_TENSOR for g in self.groups)
+
+    def group_bytes(self, g: Group) -> int:
+        return (g.params + g.modules) * SAVE_DTYPES[self.save_dtype].itemsize + g.tensors * HEADER_BYTES_PER_TENSOR
+
+    def table(self) -> str:
+        """The report as text lines: one per group, then the total and the budget verdict."""
+        lines = [f"LoKr on SDXL 1.0 base (meta device), full_matrix, saved as {self.save_dtype}",
+                 f"{'group':<24}{'factor':>7}{'modules':>9}{'parameters':>15}{'file MB':>10}"]
+        for g in self.groups:
+            lines.append(f"{g.network + ' ' + g.block:<24}{g.factor:>7}{g.modules:>9}{g.params:>15,}"
+                         f"{self.group_bytes(g) / 1e6:>10.1f}")
+        mb = self.file_bytes / 1e6
+        lines.append(f"{'total':<24}{'':>7}{sum(g.modules for g in self.groups):>9}{self.params:>15,}{mb:>10.1f}")
+        verdict = "within" if self.file_bytes < BUDGET_BYTES else "OVER"
+        lines.append(f"{verdict} the recipe's {BUDGET_BYTES / 1e6:.0f} MB budget")
+        return "\n".join(lines)
+
+
+def dry_run(cfg: dict, sdxl=None) -> DryRunReport:
+    """Build the config's LoKr on SDXL (default: the real architecture on the meta device)
+    and count it per module group.
+
+    Counted per LoKr module: under the meta device the network's own `parameters()` is not
+    reliable (pitfalls.md)."""
+    sdxl = sdxl or sdxl_on_meta()
+    lokr = cfg["lokr"]
+    with_text = cfg.get("train", {}).get("train_text_encoders", True)
+    with torch.device("meta"):
+        network = create_lokr(sdxl, lokr, text_encoders=with_text)
+    owner = {}  # id(Linear/Conv) -> (network, block class)
+    nets = {"unet": sdxl.unet, "te1": sdxl.text_encoder_1, "te2": sdxl.text_encoder_2}
+    for net_name, model in nets.items():
+        for module in model.modules():
+            if type(module).__name__ in UNET_TARGETS + TEXT_TARGETS:
+                for child in module.modules():
+                    owner.setdefault(id(child), (net_name, type(module).__name__))
+    groups: dict[tuple[str, str], Group] = {}
+    for net_name, model in nets.items():  # fixed order of rows: network, then block class
+        targets = UNET_TARGETS if net_name == "unet" else TEXT_TARGETS
+        if net_name != "unet" and not with_text:
+            continue
+        for block in targets:
+            groups[(net_name, block)] = Group(net_name, block, lokr["factors"][block])
+    for lora in network.loras:
+        g = groups[owner[id(lora.org_module[0])]]
+        g.modules += 1
+        g.params += sum(p.numel() for p in lora.parameters())
+        g.tensors += len(lora.state_dict())
+    return DryRunReport(lokr.get("save_dtype", "fp16"), list(groups.values()))
+
+
+def main(cfg: dict) -> int:
+    """`python -m trainers.lokr --dry-run [--config NAME]`: print the report; 0 when within budget."""
+    report = dry_run(cfg)
+    print(report.table())
+    return 0 if report.file_bytes < BUDGET_BYTES else 1

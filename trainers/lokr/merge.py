@@ -1,0 +1,72 @@
+"""Fold a trained LoKr into SDXL's weights and write a full checkpoint.
+
+    python -m trainers.lokr merge --pretrained sdxl/ --lokr run/lokr.safetensors --out merged.safetensors
+    python -m trainers.lokr merge --pretrained sdxl/ --lokr run/lokr.safetensors --out merged/
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from hakubooru.errors import HakubooruError
+from trainers.lokr.models import SDXL, load_sdxl, save_sdxl, save_sdxl_single_file, tiny_sdxl
+from trainers.lokr.network import SAVE_DTYPES, load_lokr
+
+
+def merge_lokr(sdxl: SDXL, lokr_path: str | os.PathLike) -> SDXL:
+    """Add the LoKr's weight deltas (w1 ⊗ w2, scale 1) into `sdxl`'s UNet and text encoders,
+    in place, and return it. Merge in fp32 for a precise result; cast afterwards."""
+    network = load_lokr(sdxl, lokr_path, apply=False)
+    with torch.no_grad():
+        for lora in network.unet_loras + network.text_encoder_loras:
+            lora.merge_to(1.0)
+    return sdxl
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m trainers.lokr merge", description=__doc__.splitlines()[0])
+    parser.add_argument("--pretrained", required=True,
+                        help='SDXL base: diffusers folder, single-file .safetensors, or "tiny"')
+    parser.add_argument("--lokr", required=True, help="LoKr .safetensors written by the trainer")
+    parser.add_argument("--out", required=True,
+                        help="FILE.safetensors (one original-layout checkpoint) or a new FOLDER (diffusers)")
+    parser.add_argument("--dtype", choices=sorted(SAVE_DTYPES), default="fp16", help="dtype of the written weights")
+    parser.add_argument("--model-config", help="diffusers-layout config folder for a single-file --pretrained "
+                                               "(default: the bundled SDXL 1.0 base configs)")
+    parser.add_argument("--tokenizers", help="folder with tokenizer/ and tokenizer_2/ for a single-file --pretrained")
+    return parser
+
+
+def main(argv=None) -> int:
+    """The `merge` subcommand; errors are HakubooruError (one line)."""
+    args = build_parser().parse_args(argv)
+    out = Path(args.out)
+    if out.exists():
+        raise HakubooruError(f"{out} already exists; choose a new --out")
+    if not Path(args.lokr).is_file():  # before loading gigabytes of base model
+        raise HakubooruError(f"LoKr file not found: {args.lokr}")
+    if args.pretrained == "tiny":
+        sdxl = tiny_sdxl(seed=0)
+    else:
+        sdxl = load_sdxl(args.pretrained, dtype=torch.float32, config=args.model_config, tokenizers=args.tokenizers)
+    merge_lokr(sdxl, args.lokr)
+    dtype = SAVE_DTYPES[args.dtype]
+    if out.suffix == ".safetensors":
+        meta = {"merged_lokr": str(Path(args.lokr).name), "base_model": str(args.pretrained),
+                "lokr_metadata": json.dumps(_lokr_metadata(args.lokr), sort_keys=True)}
+        save_sdxl_single_file(sdxl, out, dtype=dtype, metadata=meta)
+    else:
+        save_sdxl(sdxl.to(dtype=dtype), out)
+    print(f"merged {args.lokr} into {args.pretrained} -> {out} ({args.dtype})")
+    return 0
+
+
+def _lokr_metadata(path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.metadata() or {}
