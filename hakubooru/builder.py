@@ -1,0 +1,282 @@
+"""build_shards(): a selection + image archives -> webdataset shards, manifest and index.
+
+Shard assignment is a pure function of the selection: shard ``k`` is given the
+selected ids ``ids[k*shard_size:(k+1)*shard_size]`` (in id order) and holds those of
+them that were written. A skipped post leaves its shard one sample short and never
+shifts another shard, so resuming and partitioning do not depend on earlier results.
+Part ``i/N`` builds the shards ``k`` with ``k % N == i``.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import functools
+import json
+import multiprocessing
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from . import manifest as mf
+from .captioner import Captioner
+from .db import fingerprint, open_db
+from .errors import HakubooruError
+from .images import IMAGE_EXTS, BadImage, ImagePolicy, prepare
+from .selector import Selection, load_selection
+from .shardwriter import CHECKSUM, ShardWriter
+from .sources import ImageSource, MemberReader
+
+ROW_COLUMNS = ("id", "image_offset", "image_size", "txt_offset", "txt_size",
+               "json_offset", "json_size", "width", "height", "ext")
+
+
+@dataclass
+class BuildResult:
+    """What one run of build_shards did (this part only), and whether the folder is complete."""
+
+    out: Path
+    shard_count: int
+    shards_built: int = 0
+    shards_verified: int = 0
+    selected: int = 0
+    written: int = 0
+    skipped: dict = field(default_factory=dict)
+    complete: bool = False
+    seconds: float = 0.0
+    ignored_members: int = 0  # archive members not named <id>.<ext>, in the tars looked at
+    cut_short_tars: list = field(default_factory=list)  # source tars ending inside a member
+
+    def summary(self) -> str:
+        """One line of counts."""
+        reasons = ", ".join(f"{r} {n}" for r, n in sorted(self.skipped.items()))
+        skipped = sum(self.skipped.values())
+        state = "complete: manifest.json written" if self.complete else "other parts pending"
+        return (f"{self.out}: {self.shards_built} shards built, {self.shards_verified} verified "
+                f"(of {self.shard_count}); {self.selected} posts, {self.written} written, "
+                f"{skipped} skipped{f' ({reasons})' if reasons else ''}, "
+                f"{self.ignored_members} archive members ignored"
+                + (f", {len(self.cut_short_tars)} source tars cut short (first: "
+                   f"{self.cut_short_tars[0]})" if self.cut_short_tars else "")
+                + f"; in {self.seconds:.1f} s; {state}")
+
+
+def parse_part(part) -> tuple[int, int]:
+    """``"i/N"`` or ``(i, N)`` with 0 <= i < N -> (i, N)."""
+    try:
+        i, n = (int(v) for v in (part.split("/") if isinstance(part, str) else part))
+    except (ValueError, TypeError):
+        raise HakubooruError(f"part must look like i/N (e.g. 0/4), not {part!r}") from None
+    if not 0 <= i < n:
+        raise HakubooruError(f"part {i}/{n}: need 0 <= i < N")
+    return i, n
+
+
+def _check_one_extension(located, policy: ImagePolicy) -> None:
+    if policy.image_format is not None:
+        return
+    exts = Counter(IMAGE_EXTS[e] for e in located.exts[located.found].tolist() if e in IMAGE_EXTS)
+    if len(exts) > 1:
+        found = ", ".join(f"{e} {n}" for e, n in sorted(exts.items()))
+        raise HakubooruError(
+            f"the selected images have mixed formats ({found}) and a dataset has one extension; "
+            "re-encode them with --format webp|jpeg|png")
+
+
+def _build_shard(out: str, k: int, entries: list, policy: ImagePolicy) -> dict:
+    """Write shard ``k`` from ``(id, caption, record, member)`` entries; returns its sidecar."""
+    out = Path(out)
+    rows = {name: [] for name in ROW_COLUMNS}
+    skipped = []
+    writer = ShardWriter(out / mf.shard_name(k))
+    try:
+        with MemberReader() as reader:
+            for post_id, caption, record, member in entries:
+                if member is None or record is None:
+                    skipped.append([post_id, "missing" if member is None else "no_record", ""])
+                    continue
+                data = reader.read(member)
+                try:
+                    if len(data) < member.size:
+                        raise BadImage("truncated", "archive ends inside the member")
+                    stored = prepare(data, member.ext, policy)
+                except BadImage as e:
+                    skipped.append([post_id, e.reason, e.detail])
+                    continue
+                record = {**record, "width": stored.width, "height": stored.height}
+                spans = writer.write(str(post_id), {
+                    stored.ext: stored.data,
+                    "json": json.dumps(record, ensure_ascii=False).encode(),
+                    "txt": caption.encode(),
+                })
+                for name, ext in (("image", stored.ext), ("txt", "txt"), ("json", "json")):
+                    rows[f"{name}_offset"].append(spans[ext][0])
+                    rows[f"{name}_size"].append(spans[ext][1])
+                rows["id"].append(post_id)
+                rows["width"].append(stored.width)
+                rows["height"].append(stored.height)
+                rows["ext"].append(stored.ext)
+        checksum, size = writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+    sidecar = {"name": mf.shard_name(k), "samples": writer.count, "size": size,
+               CHECKSUM: checksum, "rows": rows, "skipped": skipped}
+    mf.write_sidecar(out, k, sidecar)
+    writer.publish()
+    return sidecar
+
+
+def _shard_entries(pending, blocks, ids, located, captions):
+    """Yield (k, entries) per pending shard, pulling captions (id order) as needed."""
+    next_caption = next(captions, None)
+    for k in pending:
+        entries = []
+        for i in blocks[k]:
+            post_id, member = int(ids[i]), located.member(i)
+            caption = record = None
+            if member is not None:
+                while next_caption is not None and next_caption[0] < post_id:
+                    next_caption = next(captions, None)
+                if next_caption is not None and next_caption[0] == post_id:
+                    _, caption, record = next_caption
+            entries.append((post_id, caption, record, member))
+        yield k, entries
+
+
+def build_shards(db, images, selection, out, *, captioner=None, shard_size: int = 1000,
+                 workers: int = 1, part=None, image_format: str | None = None,
+                 quality: int = 90, max_pixels: int | None = None,
+                 validate: str = "standard", cache_dir=None, progress: bool = True
+                 ) -> BuildResult:
+    """Build (or resume) the shard folder ``out`` from ``selection`` (a Selection or its
+    Parquet path), ``db`` (path or open_db handle) and the archives under ``images``.
+
+    Finished shards are verified by checksum and kept; the rest are built, ``workers``
+    processes in parallel, one shard per task. When all shards are present (this run or
+    other parts), manifest.json, index.parquet and skipped.parquet are written.
+    Output bytes do not depend on ``workers``, ``part`` or interruptions.
+    """
+    started = time.perf_counter()
+    if shard_size < 1 or workers < 1:
+        raise HakubooruError("shard size and workers must be at least 1")
+    part_i, part_n = parse_part(part) if part is not None else (0, 1)
+    policy = ImagePolicy(image_format, quality, max_pixels, validate)
+    source = ImageSource.open(images, cache_dir)
+    db = open_db(db) if isinstance(db, (str, Path)) else db
+    if not isinstance(selection, Selection):
+        selection = load_selection(selection)
+    selection.check(db)
+    captioner = captioner if captioner is not None else Captioner(db)
+    out = Path(out)
+
+    ids = np.asarray(selection.ids, np.int64)
+    shard_count = -(-len(ids) // shard_size)
+    located = source.locate(ids, progress=progress)
+    _check_one_extension(located, policy)
+    plan = {
+        "format": mf.FORMAT,
+        "db_fingerprint": fingerprint(db),
+        "selection": {"expression": selection.expression, "seeds": selection.meta.get("seeds", []),
+                      "count": int(len(ids)), "sha256": selection.digest},
+        "captioner": captioner.settings(),
+        "image_policy": policy.to_dict(),
+        "shard_size": shard_size,
+        "shard_count": shard_count,
+    }
+    mf.check_or_write_plan(out, plan)
+
+    blocks = [range(k * shard_size, min(len(ids), (k + 1) * shard_size))
+              for k in range(shard_count)]
+    mine = [k for k in range(shard_count) if k % part_n == part_i]
+    result = BuildResult(out, shard_count, selected=sum(len(blocks[k]) for k in mine),
+                         ignored_members=source.ignored_members,
+                         cut_short_tars=source.cut_short_tars)
+    pending = []
+    for k, sidecar in zip(mine, tqdm(_verify(out, mine, workers), total=len(mine), leave=False,
+                                     desc="verifying finished shards", unit="shard",
+                                     disable=not progress)):
+        if sidecar is None:
+            pending.append(k)
+        else:
+            _count(result, sidecar)
+            result.shards_verified += 1
+
+    rows = np.concatenate([np.arange(blocks[k].start, blocks[k].stop) for k in pending] or [[]])
+    rows = rows.astype(np.int64)
+    captions = iter(captioner.captions(ids[rows[located.found[rows]]]))
+    tasks = _shard_entries(pending, blocks, ids, located, captions)
+    bar = tqdm(total=sum(len(blocks[k]) for k in pending), desc="building shards", unit="img",
+               disable=not progress, smoothing=0.1)
+    try:
+        for sidecar in _run(tasks, str(out), policy, workers):
+            _count(result, sidecar)
+            result.shards_built += 1
+            bar.update(sidecar["samples"] + len(sidecar["skipped"]))
+            bar.set_postfix(written=result.written, skipped=sum(result.skipped.values()))
+    finally:
+        bar.close()
+    result.complete = mf.assemble(out, plan) is not None
+    result.seconds = time.perf_counter() - started
+    if progress:
+        print(result.summary(), file=sys.stderr)
+    return result
+
+
+def _count(result: BuildResult, sidecar: dict) -> None:
+    result.written += sidecar["samples"]
+    for _, reason, _ in sidecar["skipped"]:
+        result.skipped[reason] = result.skipped.get(reason, 0) + 1
+
+
+def _pool(workers: int) -> cf.ProcessPoolExecutor:
+    # fork: `python -m hakubooru` cannot be re-imported by spawned children
+    return cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+
+
+def _verify(out: Path, shards: list, workers: int):
+    """Each shard's sidecar if it is finished and its checksum checks out, else None (in order)."""
+    check = functools.partial(mf.finished_sidecar, out, verify=True)
+    if workers == 1 or not shards:
+        yield from map(check, shards)
+        return
+    with _pool(workers) as pool:
+        yield from pool.map(check, shards)
+
+
+def _run(tasks, out: str, policy: ImagePolicy, workers: int):
+    """Build the shards of ``tasks``; yields sidecars as shards finish."""
+    if workers == 1:
+        for k, entries in tasks:
+            yield _build_shard(out, k, entries, policy)
+        return
+    with _pool(workers) as pool:
+        running = set()
+        for k, entries in tasks:
+            running.add(pool.submit(_build_shard, out, k, entries, policy))
+            if len(running) >= 2 * workers:
+                done, running = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+                yield from (f.result() for f in done)
+        for f in cf.as_completed(running):
+            yield f.result()
+
+
+def merge(out, progress: bool = True) -> dict:
+    """Assemble manifest.json and the index of a folder built in parts (all must be finished)."""
+    out = Path(out)
+    plan = mf.load_plan(out)
+    missing = [mf.shard_name(k) for k in range(plan["shard_count"])
+               if mf.finished_sidecar(out, k, verify=False) is None]
+    if missing:
+        raise HakubooruError(
+            f"{out}: {len(missing)} of {plan['shard_count']} shards not finished "
+            f"(first: {', '.join(missing[:3])}); build the remaining parts first")
+    manifest = mf.assemble(out, plan)
+    if progress:
+        counts = manifest["counts"]
+        print(f"{out}: merged {plan['shard_count']} shards; {counts['written']} written, "
+              f"{counts['skipped']} skipped", file=sys.stderr)
+    return manifest

@@ -1,0 +1,61 @@
+"""One shard tar (hakubooru.shardwriter): atomic appearance, fixed metadata, offsets, checksum."""
+from __future__ import annotations
+
+import tarfile
+
+import xxhash
+
+from hakubooru.shardwriter import ShardWriter, temporary_path
+
+
+def write_two(path):
+    writer = ShardWriter(path)
+    spans = [writer.write("12", {"webp": b"image-bytes", "txt": b"1girl, solo", "json": b"{}"}),
+             writer.write("345", {"webp": b"x" * 700, "txt": b"", "json": b'{"id":345}'})]
+    return writer, spans
+
+
+def test_shard_appears_only_when_published(tmp_path):
+    path = tmp_path / "shard-000000.tar"
+    writer, _ = write_two(path)
+    checksum, size = writer.finish()
+    assert not path.exists() and temporary_path(path).exists()
+    writer.publish()
+    assert path.exists() and not temporary_path(path).exists()
+    assert xxhash.xxh3_128(path.read_bytes()).hexdigest() == checksum and path.stat().st_size == size
+
+
+def test_members_order_metadata_and_offsets(tmp_path):
+    path = tmp_path / "s.tar"
+    writer, spans = write_two(path)
+    writer.finish()
+    writer.publish()
+    with tarfile.open(path) as tar:
+        members = tar.getmembers()
+        # per sample, extensions sorted alphabetically: json, txt, webp
+        assert [m.name for m in members] == ["12.json", "12.txt", "12.webp",
+                                             "345.json", "345.txt", "345.webp"]
+        assert {(m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) for m in members} == {
+            (0, 0, 0, "hakubooru", "hakubooru", 0o444)}
+        offsets = {m.name: (m.offset_data, m.size) for m in members}
+    assert spans[0]["webp"] == offsets["12.webp"]
+    assert spans[1]["webp"] == offsets["345.webp"]
+    assert spans[1]["txt"] == offsets["345.txt"] and spans[1]["txt"][1] == 0
+    data = path.read_bytes()
+    off, size = spans[1]["webp"]
+    assert data[off:off + size] == b"x" * 700
+
+
+def test_same_samples_same_bytes(tmp_path):
+    for name in ("a.tar", "b.tar"):
+        writer, _ = write_two(tmp_path / name)
+        writer.finish()
+        writer.publish()
+    assert (tmp_path / "a.tar").read_bytes() == (tmp_path / "b.tar").read_bytes()
+
+
+def test_abort_leaves_nothing(tmp_path):
+    path = tmp_path / "s.tar"
+    writer, _ = write_two(path)
+    writer.abort()
+    assert list(tmp_path.iterdir()) == []
