@@ -1,0 +1,1 @@
+"""SDXL LoKr trainer on hakubooru shard folders: ``python -m trainers.lokr --help``."""

@@ -1,0 +1,124 @@
+"""Training state on disk: written atomically with a checksum, the last K kept, the newest valid one read back.
+
+A state file is ``state-<step>.state`` in the run's ``states/`` folder:
+
+    HAKUSTATE2\\n<sha256 of the body, 64 hex digits>\\n<body: safetensors>
+
+The body is a safetensors file holding every tensor of the payload (LoKr weights, the 8-bit
+optimizer state, ...) with the payload's structure — nested dicts and lists of numbers and
+strings, tensors by reference — as JSON in its metadata: no pickle, and reading it back is a
+copy rather than an unpickling of a thousand objects. The file is written to a temporary name,
+fsynced, then renamed, so an interrupted write never leaves a file that looks complete; a file
+whose checksum does not match (disk trouble, a copy cut short) is reported and the previous
+state is used.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from hakubooru.errors import HakubooruError
+
+MAGIC = b"HAKUSTATE2\n"
+_NAME = re.compile(r"^state-(\d+)\.state$")
+
+
+def _pack(obj, tensors: dict, seen: dict):
+    """The JSON skeleton of ``obj``; its tensors go into ``tensors`` (one entry per tensor object)."""
+    if isinstance(obj, torch.Tensor):
+        if id(obj) not in seen:
+            seen[id(obj)] = str(len(tensors))
+            tensors[seen[id(obj)]] = obj.detach().cpu().contiguous()
+        return {"t": seen[id(obj)]}
+    if isinstance(obj, dict):
+        return {"d": [[k, _pack(v, tensors, seen)] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return {"l": [_pack(v, tensors, seen) for v in obj]}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return {"v": obj}
+    raise TypeError(f"a training state cannot hold {type(obj).__name__}")
+
+
+def _unpack(node, tensors: dict):
+    kind, value = next(iter(node.items()))
+    if kind == "t":
+        return tensors[value]
+    if kind == "d":
+        return {k: _unpack(v, tensors) for k, v in value}
+    if kind == "l":
+        return [_unpack(v, tensors) for v in value]
+    return value
+
+
+def state_dir(output: str | os.PathLike) -> Path:
+    """Where a run writing to ``output`` keeps its states."""
+    return Path(output) / "states"
+
+
+def list_states(folder: str | os.PathLike) -> list[Path]:
+    """State files in ``folder``, oldest first (by step in the name; temporaries ignored)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def save_state(folder: str | os.PathLike, step: int, payload: dict, keep: int) -> Path:
+    """Write ``payload`` as the state of optimizer step ``step`` atomically; keep the newest ``keep``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors: dict = {}
+    skeleton = _pack(payload, tensors, {})
+    body = save_safetensors(tensors, metadata={"hakubooru_state": json.dumps(skeleton)})
+    final = folder / f"state-{step:08d}.state"
+    tmp = folder / f".{final.name}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(MAGIC + hashlib.sha256(body).hexdigest().encode() + b"\n" + body)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    for old in list_states(folder)[:-keep]:
+        old.unlink()
+    return final
+
+
+def read_state(path: str | os.PathLike) -> dict:
+    """Load one state file, checking its header and checksum; HakubooruError if it is damaged."""
+    data = Path(path).read_bytes()
+    header = len(MAGIC) + 65
+    if not data.startswith(MAGIC) or len(data) < header or data[header - 1:header] != b"\n":
+        raise HakubooruError(f"{path} is not a complete training state (bad header)")
+    if hashlib.sha256(data[header:]).hexdigest().encode() != data[len(MAGIC):header - 1]:
+        raise HakubooruError(f"{path} is damaged or was cut short (checksum mismatch)")
+    body = data[header:]
+    metadata_size = int.from_bytes(body[:8], "little")
+    skeleton = json.loads(json.loads(body[8:8 + metadata_size])["__metadata__"]["hakubooru_state"])
+    return _unpack(skeleton, load_safetensors(body))
+
+
+def load_latest_state(folder: str | os.PathLike) -> tuple[Path, dict]:
+    """The newest state in ``folder`` that reads back whole; each damaged newer one is reported
+    on stderr and skipped. HakubooruError when there is none."""
+    states = list_states(folder)
+    if not states:
+        raise HakubooruError(f"no training state in {folder} (states are written every train.save_every steps)")
+    for path in reversed(states):
+        try:
+            return path, read_state(path)
+        except HakubooruError as e:
+            print(f"warning: {e}; falling back to the previous state", file=sys.stderr)
+    raise HakubooruError(f"every training state in {folder} is damaged; cannot resume")

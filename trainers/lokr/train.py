@@ -1,0 +1,422 @@
+"""The LoKr training loop, read top to bottom: set-up, resume, then micro-steps and optimizer steps.
+
+Every random draw of a sample — its timestep, its noise, its noise offset, its latent sample —
+comes from a ``torch.Generator`` seeded by ``hash64(seed, micro_step, post_id)``. Which rank or
+DataLoader worker handles the sample, and whether the run was resumed, changes nothing.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from hakubooru.errors import HakubooruError
+from hakubooru.rng import hash64
+from trainers.lokr import models
+from trainers.lokr.bucketing import make_buckets
+from trainers.lokr.config import check_resume_config, config_fingerprint, config_json
+from trainers.lokr.data import BatchDataset, BatchPlan, load_index, make_loader
+from trainers.lokr.distributed import Dist, all_reduce_grads, all_reduce_sum, barrier, init_distributed, shutdown
+from trainers.lokr.network import create_lokr, lokr_param_groups, lokr_state_dict, save_lokr
+from trainers.lokr.state import load_latest_state, save_state, state_dir
+from trainers.lokr.text import encode_prompts
+
+MIN_BITSANDBYTES = (0, 41, 1)  # 0.36.0–0.41.0 have the 8-bit dynamic-map bug
+KILL_AFTER_STATE_ENV = "LOKR_TEST_KILL_AFTER_STATE"  # tests: SIGKILL right after writing this step's state
+AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}
+
+
+# ---------------------------------------------------------------- the pieces of one step
+
+def lr_factor(step: int, warmup_steps: int) -> float:
+    """Learning-rate multiplier at optimizer step ``step`` (0-based): linear warmup, then constant."""
+    return 1.0 if warmup_steps == 0 else min(1.0, (step + 1) / warmup_steps)
+
+
+def min_snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-γ loss weights for ε-prediction: min(SNR, γ) / SNR with SNR = ᾱ / (1 − ᾱ); γ = 0 turns it off."""
+    alpha_bar = alphas_cumprod[timesteps].double()
+    snr = alpha_bar / (1 - alpha_bar)
+    if gamma == 0:
+        return torch.ones_like(snr, dtype=torch.float32)
+    return (snr.clamp(max=gamma) / snr).float()
+
+
+@dataclass
+class Draws:
+    """The random inputs of one micro-batch, one row per sample."""
+
+    timesteps: torch.Tensor   # int64 (B,)
+    noise: torch.Tensor       # (B, C, H, W), noise offset included
+    latent_eps: torch.Tensor  # (B, C, H, W), for sampling the VAE's latent distribution
+
+
+def sample_draws(seed: int, micro_step: int, ids, latent_shape, num_timesteps: int,
+                 noise_offset: float) -> Draws:
+    """Per-sample timestep (uniform), noise + offset·randn(C,1,1), and latent-sampling noise,
+    each sample from its own generator seeded by hash64(seed, micro_step, post id)."""
+    c, h, w = latent_shape
+    timesteps, noise, latent_eps = [], [], []
+    for post_id in ids.tolist():
+        g = torch.Generator().manual_seed(hash64(seed, micro_step, post_id))
+        timesteps.append(torch.randint(0, num_timesteps, (1,), generator=g))
+        latent_eps.append(torch.randn((c, h, w), generator=g))
+        offset = torch.randn((c, 1, 1), generator=g)
+        noise.append(torch.randn((c, h, w), generator=g) + noise_offset * offset)
+    return Draws(torch.cat(timesteps), torch.stack(noise), torch.stack(latent_eps))
+
+
+def diffusion_loss(pred: torch.Tensor, noise: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """ε-prediction MSE per sample (mean over C, H, W), weighted, averaged over the batch."""
+    per_sample = (pred.float() - noise.float()).pow(2).mean(dim=(1, 2, 3))
+    return (per_sample * weights).mean()
+
+
+# ---------------------------------------------------------------- set-up
+
+def check_bitsandbytes():
+    """Import bitsandbytes, refusing the versions whose 8-bit optimizers are broken."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise HakubooruError("Lion8bit needs bitsandbytes ≥ 0.41.1: pip install 'bitsandbytes>=0.41.1'") from None
+    version = tuple(int(p) for p in bnb.__version__.split("+")[0].split(".")[:3] if p.isdigit())
+    if version < MIN_BITSANDBYTES:
+        raise HakubooruError(f"bitsandbytes {bnb.__version__} has the 8-bit dynamic-map bug "
+                             "(0.36.0–0.41.0): install bitsandbytes ≥ 0.41.1")
+    return bnb
+
+
+def load_base_model(cfg: dict, weight_dtype: torch.dtype):
+    """The SDXL parts named by ``model.pretrained`` ("tiny" = the built-in tiny model)."""
+    pretrained = cfg["model"]["pretrained"]
+    if pretrained == "tiny":
+        sdxl = models.tiny_sdxl(seed=0)
+        return sdxl if weight_dtype == torch.float32 else sdxl.to(dtype=weight_dtype)
+    return models.load_sdxl(pretrained, dtype=weight_dtype, tokenizers=cfg["model"]["tokenizers"] or None)
+
+
+@dataclass
+class Progress:
+    """Where the run is: what a training state records besides the weights."""
+
+    step: int = 0              # optimizer steps done
+    epoch: int = 0
+    cursor: int = 0            # next global batch of this epoch's plan
+    skipped: int = 0           # optimizer steps skipped for a non-finite loss
+    nonfinite_in_row: int = 0
+
+
+@dataclass
+class Run:
+    """Everything set up before the first step: the pieces the loop uses."""
+
+    cfg: dict
+    dist: Dist
+    shards: Path
+    output: Path
+    index: object
+    buckets: list
+    sdxl: object
+    network: object
+    optimizer: object
+    scaler: object
+    base_lrs: list
+    base_model_hash: str
+    progress: Progress
+    total_steps: int
+    steps_per_epoch: int
+    current_plan: BatchPlan
+
+    @property
+    def global_batch(self) -> int:
+        return self.cfg["train"]["batch_size"] * self.dist.world_size
+
+    def plan(self, epoch: int) -> BatchPlan:
+        """The batch plan of ``epoch`` (the last one made is kept: it is seconds of work at 5 M rows)."""
+        if self.current_plan.epoch != epoch:
+            self.current_plan = BatchPlan(self.index, self.global_batch, self.cfg["train"]["seed"], epoch,
+                                          self.buckets)
+        return self.current_plan
+
+
+def setup(cfg: dict, shards, output, *, resume=None, allow_config_change: bool = False) -> Run:
+    """Read the index, build the model and its LoKr, the optimizer, and restore the newest
+    valid state when resuming. Nothing here reads image data."""
+    d = init_distributed()
+    tc, oc, dc = cfg["train"], cfg["optimizer"], cfg["data"]
+    if not cfg["model"]["pretrained"]:
+        raise HakubooruError("no base model: pass --pretrained PATH (a diffusers SDXL folder or a single-file "
+                             ".safetensors checkpoint), or --config tiny for the built-in tiny model")
+    bnb = check_bitsandbytes()
+    logging.getLogger("LyCORIS").setLevel(logging.WARNING)
+    if tc["mixed_precision"] == "fp16" and d.device.type != "cuda":
+        raise HakubooruError("train.mixed_precision = \"fp16\" needs a CUDA GPU; on the CPU use \"no\" "
+                             "(--set train.mixed_precision=no) or --config tiny")
+    index = load_index(shards)
+    buckets = make_buckets(area=dc["resolution"] ** 2, min_side=dc["bucket_min"],
+                           max_side=dc["bucket_max"], step=dc["bucket_step"])
+
+    weight_dtype = AMP_DTYPES[tc["mixed_precision"]]
+    sdxl = load_base_model(cfg, weight_dtype)
+    for model in (sdxl.unet, sdxl.vae, sdxl.text_encoder_1, sdxl.text_encoder_2):
+        model.to(d.device).requires_grad_(False)
+    if sdxl.vae.dtype != torch.float32:
+        sdxl.vae.to(dtype=torch.float32)  # SDXL's VAE overflows in fp16
+    sdxl.vae.eval()
+    for model in (sdxl.unet, sdxl.text_encoder_1, sdxl.text_encoder_2):
+        model.train()  # no dropout in SDXL; train mode turns gradient checkpointing on
+    if tc["gradient_checkpointing"]:
+        sdxl.unet.enable_gradient_checkpointing()
+        if tc["train_text_encoders"]:
+            for te in (sdxl.text_encoder_1, sdxl.text_encoder_2):
+                te.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+    with torch.random.fork_rng(devices=[]):  # LyCORIS initialises w1 from the global RNG
+        torch.manual_seed(hash64(tc["seed"], 0x10C4) >> 1)
+        network = create_lokr(sdxl, cfg["lokr"], text_encoders=tc["train_text_encoders"])
+    network.to(device=d.device, dtype=torch.float32)
+    groups = lokr_param_groups(network, oc["lr_unet"], oc["lr_text"], oc["weight_decay"])
+    optimizer = bnb.optim.Lion8bit(groups, lr=oc["lr_unet"], betas=tuple(oc["betas"]),
+                                   weight_decay=oc["weight_decay"])
+    scaler = torch.amp.GradScaler(d.device.type, enabled=tc["mixed_precision"] == "fp16")
+    base_lrs = [g["lr"] for g in optimizer.param_groups]  # before a resume loads warmed-up ones
+
+    progress = Progress()
+    if resume is not None:
+        progress = _restore(cfg, d, index, resume, allow_config_change, network, optimizer, scaler)
+    global_batch = tc["batch_size"] * d.world_size
+    plan = BatchPlan(index, global_batch, tc["seed"], progress.epoch, buckets)
+    steps_per_epoch = len(plan) // tc["grad_accum"]  # the same every epoch: bucket sizes do not change
+    if steps_per_epoch == 0:
+        raise HakubooruError(f"{shards}: {len(index)} samples give {len(plan)} full batches of {global_batch} "
+                             f"per epoch, fewer than one optimizer step ({tc['grad_accum']} batches)")
+    total = tc["max_steps"] or tc["epochs"] * steps_per_epoch
+    base_hash = models.base_model_hash(cfg["model"]["pretrained"]) if d.is_main else ""  # for LoKr metadata
+    return Run(cfg, d, Path(shards), Path(output), index, buckets, sdxl, network, optimizer, scaler,
+               base_lrs, base_hash, progress, total, steps_per_epoch, plan)
+
+
+def _restore(cfg, d, index, resume, allow_config_change, network, optimizer, scaler) -> Progress:
+    path, state = load_latest_state(state_dir(resume))
+    if state["dataset_fingerprint"] != index.fingerprint:
+        raise HakubooruError(f"{path} was written for another dataset (fingerprint {state['dataset_fingerprint'][:12]}…, "
+                             f"these shards: {index.fingerprint[:12]}…); resume on the same --shards")
+    if state["world_size"] != d.world_size:
+        raise HakubooruError(f"{path} was written by {state['world_size']} process(es); resume with the same "
+                             f"number (this run has {d.world_size})")
+    changed = check_resume_config(json.loads(state["config"]), cfg, allow_config_change)
+    network.load_state_dict({k: v.to(d.device) for k, v in state["lokr"].items()})
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    if d.is_main:
+        note = f" (config keys changed: {', '.join(changed)})" if changed else ""
+        print(f"resuming from {path}: step {state['step']}, epoch {state['epoch']}, batch {state['cursor']}{note}",
+              file=sys.stderr)
+    return Progress(state["step"], state["epoch"], state["cursor"], state["skipped"], state["nonfinite_in_row"])
+
+
+def state_payload(run: Run) -> dict:
+    """What a training state holds (see docs/training.md); only tensors and plain values."""
+    p, tc = run.progress, run.cfg["train"]
+    return {
+        "format": 1, "step": p.step, "micro_step": p.step * tc["grad_accum"], "epoch": p.epoch,
+        "cursor": p.cursor, "skipped": p.skipped, "nonfinite_in_row": p.nonfinite_in_row,
+        "lokr": lokr_state_dict(run.network), "optimizer": run.optimizer.state_dict(),
+        "scaler": run.scaler.state_dict(), "config": config_json(run.cfg),
+        "config_fingerprint": config_fingerprint(run.cfg), "dataset_fingerprint": run.index.fingerprint,
+        "world_size": run.dist.world_size,
+    }
+
+
+def lokr_metadata(run: Run) -> dict:
+    """Metadata strings stored in each LoKr file."""
+    return {"step": str(run.progress.step), "config": config_json(run.cfg),
+            "base_model": run.cfg["model"]["pretrained"], "base_model_sha256": run.base_model_hash,
+            "dataset_fingerprint": run.index.fingerprint}
+
+
+# ---------------------------------------------------------------- the loop
+
+def train(cfg: dict, shards, output, *, resume=None, allow_config_change: bool = False) -> dict:
+    """Train the LoKr of ``cfg`` on the shard folder ``shards``, writing LoKr checkpoints, training
+    states and ``metrics.jsonl`` into ``output``; ``resume`` = a previous run's output folder.
+    Returns a summary dict. SIGINT/SIGTERM write a state and return early."""
+    run = setup(cfg, shards, output, resume=resume, allow_config_change=allow_config_change)
+    try:
+        return _loop(run)
+    finally:
+        shutdown(run.dist)
+
+
+def micro_batch_loss(run: Run, batch: dict, micro_step: int) -> torch.Tensor:
+    """The min-SNR-weighted ε-prediction loss of one micro-batch (recipe §3–4)."""
+    sdxl, tc, device = run.sdxl, run.cfg["train"], run.dist.device
+    scheduler = sdxl.noise_scheduler
+    amp = dict(device_type=device.type, dtype=AMP_DTYPES[tc["mixed_precision"]], enabled=tc["mixed_precision"] != "no")
+    pixels = batch["pixel_values"].to(device)
+    latent_shape = (sdxl.unet.config.in_channels, pixels.shape[2] // 8, pixels.shape[3] // 8)
+    draws = sample_draws(tc["seed"], micro_step, batch["ids"], latent_shape, scheduler.config.num_train_timesteps,
+                         tc["noise_offset"])
+    timesteps, noise = draws.timesteps.to(device), draws.noise.to(device)
+    with torch.no_grad():  # VAE in fp32, outside autocast
+        latent_dist = sdxl.vae.encode(pixels).latent_dist
+        latents = (latent_dist.mean + latent_dist.std * draws.latent_eps.to(device)) * sdxl.vae.config.scaling_factor
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    with torch.autocast(**amp), torch.set_grad_enabled(tc["train_text_encoders"]):
+        context, pooled = encode_prompts(sdxl, batch["captions"], max_windows=run.cfg["data"]["max_windows"])
+    with torch.autocast(**amp):
+        pred = sdxl.unet(noisy, timesteps, encoder_hidden_states=context,
+                         added_cond_kwargs={"text_embeds": pooled, "time_ids": batch["time_ids"].to(device)}).sample
+    weights = min_snr_weights(scheduler.alphas_cumprod.to(device), timesteps, tc["min_snr_gamma"])
+    return diffusion_loss(pred, noise, weights)
+
+
+def _loop(run: Run) -> dict:
+    cfg, d, p = run.cfg, run.dist, run.progress
+    tc, dc = cfg["train"], cfg["data"]
+    accum, device = tc["grad_accum"], d.device
+    network, optimizer, scaler = run.network, run.optimizer, run.scaler
+    params = [q for g in optimizer.param_groups for q in g["params"]]
+    kill_after = int(os.environ.get(KILL_AFTER_STATE_ENV, "-1"))
+    images_per_step = run.global_batch * accum
+    usable = run.steps_per_epoch * accum  # global batches trained per epoch; the leftover ones sit out
+    run.output.mkdir(parents=True, exist_ok=True)
+    metrics_path = run.output / "metrics.jsonl"
+    if d.is_main:
+        _trim_metrics(metrics_path, p.step)
+
+    stop = {"signal": None}
+    old_handlers = {}
+
+    def request_stop(signum, _frame):  # finish this step, write a state, return; a second signal acts at once
+        stop["signal"] = signal.Signals(signum).name
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
+    old_handlers.update({s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)})
+
+    bar = tqdm(total=run.total_steps, initial=p.step, unit="step", disable=not d.is_main, dynamic_ncols=True)
+    loss_value, start_step, start_time = float("nan"), p.step, time.perf_counter()
+    try:
+        while p.step < run.total_steps and stop["signal"] is None:
+            if p.cursor >= usable:
+                p.epoch, p.cursor = p.epoch + 1, 0
+            plan = run.plan(p.epoch)
+            dataset = BatchDataset(run.shards, run.index, plan, rank=d.rank, world_size=d.world_size,
+                                   seed=tc["seed"], epoch=p.epoch, random_crop=dc["random_crop"],
+                                   shuffle_tags=dc["shuffle_tags"], tag_dropout=dc["tag_dropout"],
+                                   protect_quality_year_rating=dc["protect_quality_year_rating"])
+            batches = iter(make_loader(dataset, start=p.cursor, workers=dc["workers"]))
+            while p.step < run.total_steps and p.cursor < usable:
+                step_time = time.perf_counter()
+                totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, non-finite, stop
+                for k in range(accum):
+                    batch = next(batches)
+                    loss = micro_batch_loss(run, batch, micro_step=p.step * accum + k)
+                    if torch.isfinite(loss):
+                        scaler.scale(loss / accum).backward()
+                        totals[0] += loss.detach().double()
+                    else:
+                        totals[1] += 1
+                totals[2] = stop["signal"] is not None
+                all_reduce_sum(totals, d)  # one small collective per step: loss, non-finite count, stop
+                all_reduce_grads(params, d)
+                p.cursor += accum
+
+                factor = lr_factor(p.step, cfg["optimizer"]["warmup_steps"])
+                for group, base in zip(optimizer.param_groups, run.base_lrs):
+                    group["lr"] = base * factor
+                grad_norm = float("nan")
+                if totals[1] > 0:
+                    p.skipped += 1
+                    p.nonfinite_in_row += 1
+                    if p.nonfinite_in_row >= tc["max_nonfinite_in_row"]:
+                        raise HakubooruError(f"loss was not finite for {p.nonfinite_in_row} steps in a row (at step "
+                                             f"{p.step + 1}); lower the learning rate or try "
+                                             "train.mixed_precision=bf16, then --resume from the last state")
+                else:
+                    p.nonfinite_in_row = 0
+                    scaler.unscale_(optimizer)
+                    if tc["max_grad_norm"] > 0:
+                        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tc["max_grad_norm"]))
+                    scaler.step(optimizer)
+                    scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                p.step += 1
+
+                finite_micro = d.world_size * accum - float(totals[1])
+                loss_value = float(totals[0]) / finite_micro if finite_micro else float("nan")
+                images_per_s = images_per_step / (time.perf_counter() - step_time)
+                if d.is_main:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps({"step": p.step, "epoch": p.epoch, "loss": _finite_or_none(loss_value),
+                                            "lr_unet": group_lr(optimizer, "unet"),
+                                            "lr_text": group_lr(optimizer, "text"),
+                                            "grad_norm": _finite_or_none(grad_norm),
+                                            "images_per_s": images_per_s, "skipped": p.skipped}) + "\n")
+                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{optimizer.param_groups[-1]['lr']:.2e}",
+                                    img_s=f"{images_per_s:.2f}", refresh=False)
+                    bar.update(1)
+                if totals[2] > 0:
+                    stop["signal"] = stop["signal"] or "a signal on another rank"
+                    break
+                if p.step % tc["checkpoint_every"] == 0 and d.is_main and p.step < run.total_steps:
+                    save_lokr(network, run.output / f"lokr-{p.step:08d}.safetensors", lokr_metadata(run),
+                              dtype=cfg["lokr"]["save_dtype"])
+                if p.step % tc["save_every"] == 0 or p.step == run.total_steps:
+                    _write_state(run, kill_after)
+        if stop["signal"] is not None:
+            _write_state(run, kill_after)
+    finally:
+        bar.close()
+        for s, handler in old_handlers.items():
+            signal.signal(s, handler)
+
+    final = None
+    if d.is_main and stop["signal"] is None:
+        final = save_lokr(network, run.output / "lokr.safetensors", lokr_metadata(run),
+                          dtype=cfg["lokr"]["save_dtype"])
+    done = p.step - start_step
+    summary = {"step": p.step, "epoch": p.epoch, "steps_this_run": done, "images_this_run": done * images_per_step,
+               "skipped": p.skipped, "loss": loss_value, "interrupted_by": stop["signal"],
+               "seconds": time.perf_counter() - start_time, "lokr": str(final) if final else None}
+    if d.is_main:
+        end = (f"stopped by {stop['signal']} at step {p.step}; resume with --resume {run.output}"
+               if stop["signal"] else f"final LoKr {final}")
+        print(f"trained {done} steps ({done * images_per_step} images) to step {p.step}/{run.total_steps}, "
+              f"{p.skipped} skipped (non-finite loss), last loss {loss_value:.4f}; {end}", file=sys.stderr)
+    return summary
+
+
+def group_lr(optimizer, name: str) -> float | None:
+    """The current learning rate of the parameter group ``name`` ("unet" / "text"), if present."""
+    return next((g["lr"] for g in optimizer.param_groups if g.get("name") == name), None)
+
+
+def _finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None  # JSON has no NaN
+
+
+def _write_state(run: Run, kill_after: int) -> None:
+    if run.dist.is_main:
+        save_state(state_dir(run.output), run.progress.step, state_payload(run), run.cfg["train"]["keep_states"])
+    barrier(run.dist)
+    if run.progress.step == kill_after:  # test hook: die the hardest way right after the write
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Drop metric lines past ``step`` (left by a run that died after its last state)."""
+    if not path.exists():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+    path.write_text("".join(ln + "\n" for ln in lines))
