@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from hakubooru import HakubooruError, Selector, build_shards, open_db
+from hakubooru.errors import run_command
 
 # (lo, hi, posts to sample) — recipe §1; None = take every post in the window
 WINDOWS = [(0, 2_000_000, 1_000_000), (2_000_000, 5_000_000, 2_000_000), (5_000_000, None, None)]
@@ -35,6 +36,10 @@ def epsilon_selector(seed: int = SEED, scale: float = 1.0) -> Selector:
 
 
 def main(argv=None) -> int:
+    return run_command(_main, argv)
+
+
+def _main(argv) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--db", help="danbooru2023.db (default: the demo database, created if absent)")
     ap.add_argument("--images", help="image archives folder (default: the demo archives)")
@@ -49,28 +54,24 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     workdir = Path(args.workdir)
-    try:
-        if args.db is None:
-            from hakubooru.synth import make_demo
-            db_path, images = make_demo(workdir, n_posts=args.demo_posts)
-            scale = args.scale or args.demo_posts / REAL_ID_SPAN
-        else:
-            db_path, images, scale = Path(args.db), args.images, args.scale or 1.0
-        db = open_db(db_path)
-        selector = epsilon_selector(args.seed, scale)
-        print(f"epsilon selection from {db_path} (seed {args.seed}, sample scale {scale:.6g}):")
-        print(selector.explain(db))
-        selection_path = workdir / "epsilon_selection.parquet"
-        selection = selector.save(selection_path, db)
-        print(f"saved {len(selection.ids):,} post ids to {selection_path}")
-        if args.no_shards:
-            return 0
-        if images is None:
-            raise HakubooruError("--images is required with --db (the image archives folder)")
-        build_shards(db_path, images, selection_path, args.out, workers=args.workers)
-    except HakubooruError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.db is None:
+        from hakubooru.synth import make_demo
+        db_path, images = make_demo(workdir, n_posts=args.demo_posts)
+        scale = args.scale or args.demo_posts / REAL_ID_SPAN
+    else:
+        db_path, images, scale = Path(args.db), args.images, args.scale or 1.0
+    db = open_db(db_path)
+    selector = epsilon_selector(args.seed, scale)
+    print(f"epsilon selection from {db_path} (seed {args.seed}, sample scale {scale:.6g}):")
+    print(selector.explain(db))
+    selection_path = workdir / "epsilon_selection.parquet"
+    selection = selector.save(selection_path, db)
+    print(f"saved {len(selection.ids):,} post ids to {selection_path}")
+    if args.no_shards:
+        return 0
+    if images is None:
+        raise HakubooruError("--images is required with --db (the image archives folder)")
+    build_shards(db_path, images, selection_path, args.out, workers=args.workers)
     return 0
 
 

@@ -8,7 +8,7 @@ import argparse
 import importlib
 import sys
 
-from .errors import HakubooruError
+from .errors import run_command
 
 COMMANDS = {
     "synth": "generate a synthetic danbooru-like database and image archives",
@@ -27,14 +27,7 @@ def main(argv=None) -> int:
         modules[name] = module
         module.add_arguments(sub.add_parser(name, help=help_text, description=help_text))
     args = parser.parse_args(argv)
-    try:
-        return modules[args.command].run(args) or 0
-    except HakubooruError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_command(modules[args.command].run, args)
 
 
 if __name__ == "__main__":

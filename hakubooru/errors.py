@@ -7,3 +7,18 @@ class HakubooruError(Exception):
     The message is a single line meant for the user; command-line entry points
     print it as ``error: <message>`` and exit with status 2 instead of a traceback.
     """
+
+
+def run_command(command, *args) -> int:
+    """Run a command-line entry point: its return value is the exit status; a HakubooruError
+    becomes ``error: <message>`` on stderr and status 2, Ctrl-C status 130 — never a traceback."""
+    import sys
+
+    try:
+        return command(*args) or 0
+    except HakubooruError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

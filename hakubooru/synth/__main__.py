@@ -4,18 +4,15 @@ import sys
 
 from ..cli import COMMANDS
 from ..commands import synth
-from ..errors import HakubooruError
+from ..errors import run_command
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hakubooru.synth", description=COMMANDS["synth"])
     synth.add_arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        return synth.run(args)
-    except HakubooruError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_command(synth.run, args)
 
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from hakubooru.errors import HakubooruError
+from hakubooru.errors import HakubooruError, run_command
 from trainers.lokr.config import BUNDLED, load_config
 
 
@@ -54,27 +54,24 @@ def config_from_args(args) -> dict:
 def main(argv=None) -> int:
     """Entry point; returns the process exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        if argv[:1] == ["merge"]:
-            from trainers.lokr import merge
-            return merge.main(argv[1:]) or 0
-        args = build_parser().parse_args(argv)
-        cfg = config_from_args(args)
-        if args.dry_run:
-            from trainers.lokr import dryrun
-            return dryrun.main(cfg) or 0
-        if not args.shards:
-            raise HakubooruError("no data: pass --shards DIR, a shard folder written by `python -m hakubooru build`")
-        from trainers.lokr.train import train
-        train(cfg, args.shards, args.output or args.resume or "lokr-out", resume=args.resume,
-              allow_config_change=args.allow_config_change)
-        return 0
-    except HakubooruError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_command(_main, argv)
+
+
+def _main(argv: list) -> int:
+    if argv[:1] == ["merge"]:
+        from trainers.lokr import merge
+        return merge.main(argv[1:]) or 0
+    args = build_parser().parse_args(argv)
+    cfg = config_from_args(args)
+    if args.dry_run:
+        from trainers.lokr import dryrun
+        return dryrun.main(cfg) or 0
+    if not args.shards:
+        raise HakubooruError("no data: pass --shards DIR, a shard folder written by `python -m hakubooru build`")
+    from trainers.lokr.train import train
+    train(cfg, args.shards, args.output or args.resume or "lokr-out", resume=args.resume,
+          allow_config_change=args.allow_config_change)
+    return 0
 
 
 if __name__ == "__main__":
