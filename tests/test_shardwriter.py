@@ -59,3 +59,25 @@ def test_abort_leaves_nothing(tmp_path):
     writer, _ = write_two(path)
     writer.abort()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_bytes_equal_tarfiles_own_writer(tmp_path):
+    # the reference: the same members through tarfile.addfile with the same fixed metadata
+    import io
+    import os
+    samples = [("12", {"webp": os.urandom(1000), "txt": b"1girl, solo", "json": b"{}"}),
+               ("345", {"webp": b"x" * 700, "txt": b"", "json": b'{"id":345}'}),
+               ("9", {"png": os.urandom(5120)})]  # a member ending exactly on a block boundary
+    writer = ShardWriter(tmp_path / "ours.tar")
+    for key, members in samples:
+        writer.write(key, members)
+    writer.finish()
+    writer.publish()
+    with tarfile.open(tmp_path / "ref.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, members in samples:
+            for ext in sorted(members):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime, info.mode = len(members[ext]), 0, 0o444
+                info.uname = info.gname = "hakubooru"
+                tar.addfile(info, io.BytesIO(members[ext]))
+    assert (tmp_path / "ours.tar").read_bytes() == (tmp_path / "ref.tar").read_bytes()
