@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 from hakubooru.builder import build_shards  # noqa: E402
 from hakubooru.db import open_db  # noqa: E402
 from hakubooru.selector import Selection, Selector  # noqa: E402
-from hakubooru.shardwriter import shard_checksum  # noqa: E402
+from hakubooru.shardwriter import file_checksum  # noqa: E402
 from hakubooru.sources import ImageSource  # noqa: E402
 from hakubooru.synth import make_database  # noqa: E402
 
@@ -138,7 +138,7 @@ def main() -> None:
     for r in range(args.rounds):
         fs, n, nbytes = floor(images, selection.ids, cache, work / "floor.tar")
         start = time.perf_counter()
-        shard_checksum(work / "floor.tar")
+        file_checksum(work / "floor.tar")
         hs.append(time.perf_counter() - start)
         (work / "floor.tar").unlink()
         fl.append(fs)

@@ -12,7 +12,6 @@ from pathlib import Path
 
 from peewee import (
     BooleanField,
-    Field,
     ForeignKeyField,
     IntegerField,
     Model,
@@ -222,16 +221,7 @@ def fingerprint(db: SqliteDatabase) -> str:
     return db.hakubooru_fingerprint
 
 
-def file_digest(path, chunk: int = 1 << 20) -> str:
-    """sha256 of a whole file; for tests and small files (never the 19 GB database)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 __all__ = [
     "Post", "Tag", "PostTagRelation", "LocalPost", "MODELS", "RATINGS", "TAG_TYPES",
-    "open_db", "fingerprint", "db_path", "create_schema_sql", "required_columns", "file_digest",
+    "open_db", "fingerprint", "db_path", "create_schema_sql", "required_columns",
 ]

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import xxhash
 
 from .errors import HakubooruError
-from .shardwriter import CHECKSUM, shard_checksum
+from .shardwriter import CHECKSUM, file_checksum
 
 FORMAT = "hakubooru-shards/1"
 PLAN_FILE = ".hakubooru-build.json"
@@ -112,7 +112,7 @@ def finished_sidecar(out: Path, k: int, verify: bool) -> dict | None:
     tar = out / shard_name(k)
     if sidecar is None or not tar.is_file() or tar.stat().st_size != sidecar["size"]:
         return None
-    if verify and shard_checksum(tar) != sidecar.get(CHECKSUM):
+    if verify and file_checksum(tar) != sidecar.get(CHECKSUM):
         return None
     return sidecar
 

@@ -23,7 +23,7 @@ import xxhash
 CHECKSUM = "xxh3_128"  # the name of the checksum field in sidecars and the manifest
 
 
-def shard_checksum(path, chunk: int = 8 << 20) -> str:
+def file_checksum(path, chunk: int = 8 << 20) -> str:
     """The xxh3-128 hex digest of a file (what ``ShardWriter.finish`` returns for it)."""
     h = xxhash.xxh3_128()
     with open(path, "rb") as f:

@@ -27,7 +27,8 @@ from PIL import Image
 from hakubooru.builder import build_shards, merge
 from hakubooru.captioner import Captioner
 from hakubooru.cli import main as cli_main
-from hakubooru.db import file_digest, open_db
+from hakubooru.db import open_db
+from hakubooru.shardwriter import file_checksum
 from hakubooru.errors import HakubooruError
 from hakubooru.selector import Selector
 
@@ -53,7 +54,7 @@ def folder_bytes(out: Path) -> dict[str, bytes]:
 
 def source_digests(db_path, images_dir) -> dict:
     files = [Path(db_path)] + sorted(Path(images_dir).rglob("*"))
-    return {str(p): file_digest(p) for p in files if p.is_file()}
+    return {str(p): file_checksum(p) for p in files if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -277,7 +278,7 @@ def test_bad_members_are_skipped_counted_and_reported(demo, tmp_path, capsys):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    before = file_digest(images / "handmade.tar")
+    before = file_checksum(images / "handmade.tar")
     db = open_db(demo["db"])
     Selector.ids([a, b, c, d, e, f, g, h]).save(tmp_path / "sel.parquet", db)
     out = tmp_path / "out"
@@ -295,7 +296,7 @@ def test_bad_members_are_skipped_counted_and_reported(demo, tmp_path, capsys):
     summary = capsys.readouterr().err.strip().splitlines()[-1]
     assert "2 written, 6 skipped (empty 1, missing 1, not_image 1, too_large 1, truncated 1, " \
            "wrong_format 1), 2 archive members ignored" in summary  # readme.txt, extra/
-    assert file_digest(images / "handmade.tar") == before
+    assert file_checksum(images / "handmade.tar") == before
 
 
 def _dir(name):

@@ -6,7 +6,7 @@ import pytest
 
 from hakubooru import HakubooruError, open_db
 from hakubooru.captioner import Captioner
-from hakubooru.db import file_digest
+from hakubooru.shardwriter import file_checksum
 from hakubooru.tagrules import escape_parentheses, format_tag
 from handdb import post, write_db
 
@@ -156,10 +156,10 @@ def test_bad_input_is_one_clear_error(db):
 
 
 def test_database_bytes_unchanged(db_path):
-    before = file_digest(db_path)
+    before = file_checksum(db_path)
     cap = Captioner(open_db(db_path))  # thresholds from the database, then every post
     assert len(list(cap.captions(sorted(EXPECTED)))) == len(EXPECTED)
-    assert file_digest(db_path) == before
+    assert file_checksum(db_path) == before
 
 
 def test_parquet_output_reads_back_with_datasets(db_path, tmp_path):

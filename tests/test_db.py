@@ -5,7 +5,8 @@ import peewee
 import pytest
 
 from hakubooru import HakubooruError, open_db
-from hakubooru.db import Post, PostTagRelation, Tag, file_digest, fingerprint
+from hakubooru.db import Post, PostTagRelation, Tag, fingerprint
+from hakubooru.shardwriter import file_checksum
 from tests.handdb import post, write_db
 
 
@@ -16,7 +17,7 @@ def dbfile(tmp_path):
 
 
 def test_models_read_plain_sql_database(dbfile):
-    db = open_db(dbfile)
+    open_db(dbfile)  # binds the models
     p = Post.get_by_id(1)
     assert (p.rating, p.fav_count, p.file_ext, p.is_deleted) == ("explicit", 7, "jpg", False)
     assert Post.get_by_id(2).md5 is None
@@ -28,13 +29,13 @@ def test_models_read_plain_sql_database(dbfile):
 
 
 def test_read_only(dbfile):
-    before = file_digest(dbfile)
+    before = file_checksum(dbfile)
     open_db(dbfile)
     with pytest.raises(peewee.OperationalError, match="readonly|read-only|query_only"):
         Post.delete().execute()
     with pytest.raises(peewee.OperationalError):
         Post.update(score=0).execute()
-    assert file_digest(dbfile) == before
+    assert file_checksum(dbfile) == before
 
 
 def test_missing_file(tmp_path):

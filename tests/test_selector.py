@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from hakubooru import HakubooruError, Selector, load_selection, open_db
-from hakubooru.db import Post, file_digest
+from hakubooru.db import Post
+from hakubooru.shardwriter import file_checksum
 from hakubooru.rng import hash64, splitmix64
 from tests.handdb import post, write_db
 
@@ -199,11 +200,11 @@ def test_bad_selection_files(db, tmp_path):
 
 
 def test_selection_leaves_database_untouched(dbfile):
-    before = file_digest(dbfile)
+    before = file_checksum(dbfile)
     db = open_db(dbfile)
     (Selector.all().sample(5, seed=1) | Selector.tags(any=["solo"])).exclude_deleted().ids(db)
     db.close()
-    assert file_digest(dbfile) == before
+    assert file_checksum(dbfile) == before
 
 
 def test_select_command(dbfile, tmp_path, capsys):

@@ -8,7 +8,7 @@ import tarfile
 import numpy as np
 import pytest
 
-from hakubooru.db import file_digest
+from hakubooru.shardwriter import file_checksum
 from hakubooru.errors import HakubooruError
 from hakubooru.sources import ImageSource, MemberReader, index_tar
 
@@ -73,10 +73,10 @@ def test_locate_reports_found_flags(webp4m, tmp_path):
 
 
 def test_index_cache_lives_outside_the_sources(webp4m, tmp_path):
-    before = {p: file_digest(p) for p in webp4m.rglob("*") if p.is_file()}
+    before = {p: file_checksum(p) for p in webp4m.rglob("*") if p.is_file()}
     cache = tmp_path / "cache"
     ImageSource.open(webp4m, cache_dir=cache).locate(np.array([5, 6]))
-    after = {p: file_digest(p) for p in webp4m.rglob("*") if p.is_file()}
+    after = {p: file_checksum(p) for p in webp4m.rglob("*") if p.is_file()}
     assert before == after  # nothing written into or beside the archives
     assert len(list(cache.glob("*.npz"))) == 5  # one entry per indexed tar
 

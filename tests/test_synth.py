@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from hakubooru.db import Post, PostTagRelation, Tag, file_digest, open_db
+from hakubooru.db import Post, PostTagRelation, Tag, open_db
+from hakubooru.shardwriter import file_checksum
 from hakubooru.errors import HakubooruError
 from hakubooru.synth import make_archives, make_database, make_demo, make_folder
 from hakubooru.synth.tags import SUBSET_PATH
@@ -58,8 +59,8 @@ def test_same_arguments_give_byte_identical_database_other_seed_differs(tmp_path
     a = make_database(tmp_path / "a.db", 300, seed=5, progress=False)
     b = make_database(tmp_path / "b.db", 300, seed=5, progress=False)
     c = make_database(tmp_path / "c.db", 300, seed=6, progress=False)
-    assert file_digest(a) == file_digest(b)
-    assert file_digest(a) != file_digest(c)
+    assert file_checksum(a) == file_checksum(b)
+    assert file_checksum(a) != file_checksum(c)
 
 
 def test_same_arguments_give_byte_identical_archives(tmp_path, synth_db):
@@ -68,7 +69,7 @@ def test_same_arguments_give_byte_identical_archives(tmp_path, synth_db):
     files_a = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.tar"))
     files_b = sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*.tar"))
     assert files_a == files_b and files_a
-    assert all(file_digest(tmp_path / "a" / f) == file_digest(tmp_path / "b" / f) for f in files_a)
+    assert all(file_checksum(tmp_path / "a" / f) == file_checksum(tmp_path / "b" / f) for f in files_a)
 
 
 # --- schema and tags -------------------------------------------------------------------
