@@ -28,7 +28,7 @@ from hakubooru.db import Post  # noqa: E402
 from hakubooru.selector import STILL_IMAGE_EXTS  # noqa: E402
 
 
-def hakubooru_way(scale: float) -> int:
+def hakubooru_way(scale: float) -> tuple[int, int]:
     random.seed(SEED)
     chosen = []
     for lo, hi, n in WINDOWS:
@@ -39,7 +39,7 @@ def hakubooru_way(scale: float) -> int:
         chosen += posts if n is None else random.choices(posts, k=round(n * scale))
     kept = [p for p in chosen
             if not p.is_deleted and p.md5 and p.file_url and p.file_ext in STILL_IMAGE_EXTS]
-    return len(kept)
+    return len(kept), len({p.id for p in kept})
 
 
 def main() -> None:
@@ -58,9 +58,9 @@ def main() -> None:
     print(f"ours:            {t_ours:8.2f} s  -> {len(ours):,} distinct posts")
 
     t0 = time.perf_counter()
-    theirs = hakubooru_way(scale)
+    theirs, distinct = hakubooru_way(scale)
     t_theirs = time.perf_counter() - t0
-    print(f"HakuBooru way:   {t_theirs:8.2f} s  -> {theirs:,} posts (with duplicates)")
+    print(f"HakuBooru way:   {t_theirs:8.2f} s  -> {theirs:,} posts, of which {distinct:,} distinct")
     print(f"ratio: ours is {t_theirs / t_ours:.1f}x faster")
 
 

@@ -10,9 +10,11 @@ Three changes to the Kohaku XL epsilon captioner, each in its own small piece:
 
     python examples/custom_captioner.py danbooru2023.db 5000001 5000002
 """
+import argparse
 import sys
 
 from hakubooru import Captioner, open_db
+from hakubooru.errors import run_command
 from hakubooru.tagrules import TagRules
 
 
@@ -40,10 +42,17 @@ def make_captioner(db, scores: dict[int, float], **options) -> Captioner:
     return YearNumberCaptioner(db, rules=ByArtistRules(), sources=[aesthetic_source(scores)], **options)
 
 
-if __name__ == "__main__":
-    db = open_db(sys.argv[1])
-    ids = [int(a) for a in sys.argv[2:]]
-    captioner = make_captioner(db, scores={i: 0.9 for i in ids[::2]})  # stand-in scores
-    for post_id, caption, record in captioner.captions(ids):
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="Caption posts with a customised captioner.")
+    ap.add_argument("db", help="danbooru2023.db")
+    ap.add_argument("ids", nargs="+", type=int, help="post ids")
+    args = ap.parse_args(argv)
+    captioner = make_captioner(open_db(args.db), scores={i: 0.9 for i in args.ids[::2]})  # stand-in scores
+    for post_id, caption, _record in captioner.captions(args.ids):
         print(post_id, caption)
     print(captioner.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_command(main))

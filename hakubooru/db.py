@@ -9,6 +9,9 @@ from __future__ import annotations
 import hashlib
 import sqlite3
 from pathlib import Path
+from urllib.parse import quote
+
+import peewee
 
 from peewee import (
     BooleanField,
@@ -178,12 +181,12 @@ def open_db(path) -> SqliteDatabase:
     with open(path, "rb") as f:
         if f.read(16) != SQLITE_MAGIC:
             raise HakubooruError(f"{path}: not an SQLite database file")
-    uri = f"file:{path.resolve().as_posix()}?mode=ro"
+    uri = f"file:{quote(path.resolve().as_posix())}?mode=ro"  # '#', '?', '%' in names stay literal
     db = SqliteDatabase(uri, uri=True, pragmas={"query_only": 1}, check_same_thread=False)
     try:
         db.connect()
         _check_schema(db.connection(), path)
-    except sqlite3.DatabaseError as e:
+    except (sqlite3.DatabaseError, peewee.DatabaseError) as e:
         db.close()
         raise HakubooruError(f"{path}: cannot read as SQLite ({e})") from None
     except HakubooruError:

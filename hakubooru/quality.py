@@ -8,6 +8,8 @@ between the two neighbours when that position is fractional; rounded to 6 decima
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .db import RATINGS
@@ -51,6 +53,8 @@ class QualityThresholds:
                     f"quality table for {rating}: needs exactly the percentiles {percentiles}, got {sorted(row)}"
                 )
             values = [row[p] for p in sorted(row)]
+            if not all(math.isfinite(v) for v in values):
+                raise HakubooruError(f"quality table for {rating}: thresholds must be finite numbers, got {values}")
             if any(a > b for a, b in zip(values, values[1:])):
                 raise HakubooruError(f"quality table for {rating}: thresholds must not decrease as the percentile grows")
             self.table[rating] = row

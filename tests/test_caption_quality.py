@@ -5,10 +5,10 @@ x[0..n-1] read at position p/100 * (n-1), interpolated between neighbours.
 """
 import pytest
 
-from hakubooru import open_db
+from hakubooru import HakubooruError, open_db
 from hakubooru.captioner import Captioner
 from hakubooru.quality import QualityThresholds
-from handdb import post, write_db
+from tests.handdb import post, write_db
 
 # general: ids 1..11 with fav 0, 10, ..., 100; sensitive: ids 12..16 with fav 5, 1, 3, 2, 4;
 # questionable: id 17 with fav 7; explicit: id 18 with no fav_count;
@@ -73,3 +73,9 @@ def test_fixed_table_accepts_json_keys():
     assert [q.tag("general", f) for f in (28, 27, 1, 2)] == \
         ["masterpiece", "best quality", "worst quality", "low quality"]
     assert q.tag("explicit", 100) is None  # no table for explicit
+
+
+def test_fixed_table_rejects_non_finite_thresholds():
+    row = {90: 10, 75: 8, 60: 6, 45: 4, 30: 2, 10: float("nan")}
+    with pytest.raises(HakubooruError, match="finite"):
+        QualityThresholds({"general": row})

@@ -8,7 +8,7 @@ from hakubooru import HakubooruError, open_db
 from hakubooru.captioner import Captioner
 from hakubooru.shardwriter import file_checksum
 from hakubooru.tagrules import escape_parentheses, format_tag
-from handdb import post, write_db
+from tests.handdb import post, write_db
 
 G, A, C, S, M = 0, 1, 2, 3, 4  # tag types: general, artist, character, copyright, meta
 TAGS = [  # (id, name, type, popularity)

@@ -82,3 +82,17 @@ def test_fingerprint_changes_with_content(tmp_path):
     fa, fb = fingerprint(open_db(a)), fingerprint(open_db(b))
     assert fa != fb and fa.endswith("posts=1") and fb.endswith("posts=2")
     assert fingerprint(open_db(a)) == fa  # stable
+
+
+@pytest.mark.parametrize("name", ["a#b.db", "c?d.db", "e%41.db"])
+def test_uri_special_characters_stay_read_only(tmp_path, name):
+    # '#', '?' and '%' mean something in an SQLite URI; unquoted, SQLite would open (and create)
+    # another file, and without ?mode=ro
+    path = write_db(tmp_path / name, [post(1)], [], [])
+    before = sorted(p.name for p in tmp_path.iterdir())
+    db = open_db(path)
+    assert Post.select().count() == 1
+    with pytest.raises(peewee.OperationalError):
+        Post.delete().execute()
+    db.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

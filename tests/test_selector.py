@@ -116,6 +116,25 @@ def test_set_algebra(db):
     assert ids(girls - low_ids, db) == [2_000_000]
 
 
+def test_difference_with_null_conditions(db):
+    # every hand-made post has parent_id NULL, so `parent_id > 0` is NULL, not false, for all of
+    # them: no post is a child, and "all minus children" must be every post (SQL's NOT NULL is
+    # NULL, which would drop them all)
+    children = Selector.all().where(Post.parent_id > 0)
+    assert ids(children, db) == []
+    assert ids(Selector.all() - children, db) == ALL
+    assert ids(Selector.ids(ALL) - children, db) == ALL  # the numpy path agrees
+
+
+def test_bad_arguments_are_clear(db):
+    for bad in (lambda: Selector.ids([1.5, 2]), lambda: Selector.ids(["x"]),
+                lambda: Selector.id_range("a", 5), lambda: Selector.all().sample(5, seed=1.5),
+                lambda: Selector.all().images_only(exts="png"),
+                lambda: Selector.all().created(after="yesterday")):
+        with pytest.raises(HakubooruError):
+            bad()
+
+
 def test_splitmix64_reference_vectors():
     # published splitmix64 outputs for a generator started at state 0
     assert splitmix64(0) == 0xE220A8397B1DCDAF

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..tagrules import PEOPLE_COUNT_TAGS
+
 SUBSET_PATH = Path(__file__).with_name("danbooru_tags_subset.csv")
 
 # Danbooru's category numbers -> the database's (0 general, 1 artist, 2 character,
@@ -20,11 +22,6 @@ SUBSET_PATH = Path(__file__).with_name("danbooru_tags_subset.csv")
 DANBOORU_CATEGORY_TO_DB = {0: 0, 1: 1, 4: 2, 3: 3, 5: 4}
 GENERAL, ARTIST, CHARACTER, COPYRIGHT, META = range(5)
 
-PEOPLE_COUNT_TAGS = (
-    "1girl", "2girls", "3girls", "4girls", "5girls", "6+girls", "multiple_girls",
-    "1boy", "2boys", "3boys", "4boys", "5boys", "6+boys", "multiple_boys", "male_focus",
-    "1other", "2others", "3others", "4others", "5others", "6+others", "multiple_others",
-)
 
 # The group of people-count tags a post gets, with its share of posts (roughly Danbooru's).
 PEOPLE_GROUPS = (
