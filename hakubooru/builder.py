@@ -25,7 +25,7 @@ from . import manifest as mf
 from .captioner import Captioner
 from .db import fingerprint, open_db
 from .errors import HakubooruError
-from .images import IMAGE_EXTS, BadImage, ImagePolicy, prepare
+from .images import IMAGE_EXTS, OWN_FORMAT, BadImage, ImagePolicy, prepare
 from .selector import Selection, load_selection
 from .shardwriter import CHECKSUM, ShardWriter
 from .sources import ImageSource, MemberReader
@@ -76,6 +76,8 @@ def parse_part(part) -> tuple[int, int]:
 
 
 def _check_one_extension(located, policy: ImagePolicy) -> None:
+    """Without --format, refuse (before writing anything) images of several extensions, and
+    --max-pixels on images that cannot be written in their own format (avif, bmp)."""
     if policy.image_format is not None:
         return
     exts = Counter(IMAGE_EXTS[e] for e in located.exts[located.found].tolist() if e in IMAGE_EXTS)
@@ -84,6 +86,10 @@ def _check_one_extension(located, policy: ImagePolicy) -> None:
         raise HakubooruError(
             f"the selected images have mixed formats ({found}) and a dataset has one extension; "
             "re-encode them with --format webp|jpeg|png")
+    stuck = sorted(e for e in exts if e not in OWN_FORMAT)
+    if policy.max_pixels is not None and stuck:
+        raise HakubooruError(f"--max-pixels cannot downscale .{stuck[0]} images in their own "
+                             "format; choose one with --format webp|jpeg|png")
 
 
 def _build_shard(out: str, k: int, entries: list, policy: ImagePolicy) -> dict:
@@ -174,6 +180,9 @@ def build_shards(db, images, selection, out, *, captioner=None, shard_size: int 
     out = Path(out)
 
     ids = np.asarray(selection.ids, np.int64)
+    if np.any(np.diff(ids) <= 0):  # Selection sorts them; shard assignment relies on it
+        raise HakubooruError("selection ids are not sorted and unique (shards are assigned by "
+                             "position in id order)")
     shard_count = -(-len(ids) // shard_size)
     located = source.locate(ids, progress=progress)
     _check_one_extension(located, policy)
@@ -221,8 +230,7 @@ def build_shards(db, images, selection, out, *, captioner=None, shard_size: int 
         bar.close()
     result.complete = mf.assemble(out, plan) is not None
     result.seconds = time.perf_counter() - started
-    if progress:
-        print(result.summary(), file=sys.stderr)
+    print(result.summary(), file=sys.stderr)  # even when progress bars are off
     return result
 
 
@@ -264,8 +272,9 @@ def _run(tasks, out: str, policy: ImagePolicy, workers: int):
             yield f.result()
 
 
-def merge(out, progress: bool = True) -> dict:
-    """Assemble manifest.json and the index of a folder built in parts (all must be finished)."""
+def merge(out) -> dict:
+    """Assemble manifest.json and the index of a folder built in parts (all must be finished);
+    prints one line of counts."""
     out = Path(out)
     plan = mf.load_plan(out)
     missing = [mf.shard_name(k) for k in range(plan["shard_count"])
@@ -275,8 +284,7 @@ def merge(out, progress: bool = True) -> dict:
             f"{out}: {len(missing)} of {plan['shard_count']} shards not finished "
             f"(first: {', '.join(missing[:3])}); build the remaining parts first")
     manifest = mf.assemble(out, plan)
-    if progress:
-        counts = manifest["counts"]
-        print(f"{out}: merged {plan['shard_count']} shards; {counts['written']} written, "
-              f"{counts['skipped']} skipped", file=sys.stderr)
+    counts = manifest["counts"]
+    print(f"{out}: merged {plan['shard_count']} shards; {counts['written']} written, "
+          f"{counts['skipped']} skipped", file=sys.stderr)
     return manifest

@@ -13,6 +13,7 @@ import struct
 import warnings
 from dataclasses import asdict, dataclass
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import HakubooruError
@@ -29,6 +30,8 @@ OWN_FORMAT = {"jpg": "jpeg", "png": "png", "webp": "webp"}
 # Pillow's own decompression-bomb error threshold (2 x Image.MAX_IMAGE_PIXELS).
 DEFAULT_MAX_SOURCE_PIXELS = 178_956_970
 VALIDATION_LEVELS = ("standard", "full")
+# A PNG's last chunk, CRC included: Pillow's ``verify`` stops at IEND without reading its CRC.
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 
 
 class BadImage(Exception):
@@ -164,6 +167,13 @@ def _decode(im: Image.Image, data: bytes, reduced: bool) -> None:
         raise BadImage(reason, str(e)) from None
 
 
+def _check_png_end(data: bytes) -> None:
+    """A PNG must hold its whole IEND chunk (bytes after it are tolerated): the pixels of a
+    PNG cut inside IEND decode fine, but the file is still cut short."""
+    if PNG_END not in data:
+        raise BadImage("truncated", "PNG without a complete IEND chunk")
+
+
 def _validate(im: Image.Image, data: bytes, policy: ImagePolicy) -> None:
     """Cheap by default: PNG by ``verify`` (every chunk's CRC, through IEND), JPEG by
     decoding its entropy-coded data at 1/8 scale; ``full`` decodes every pixel.
@@ -180,9 +190,22 @@ def _validate(im: Image.Image, data: bytes, policy: ImagePolicy) -> None:
         _decode(im, data, reduced=True)
 
 
+def _to_8bit(im: Image.Image) -> Image.Image:
+    """16-bit and 32-bit integer grey (``I;16*``, ``I``: 16-bit PNGs) as its top 8 bits, float
+    grey (``F``) read as 0..1; ``convert("RGB")`` would clip them, turning most pixels white."""
+    if im.mode == "F":
+        values = np.rint(np.clip(np.asarray(im, np.float64), 0.0, 1.0) * 255)
+    else:
+        values = np.clip(np.asarray(im).astype(np.int64), 0, 65535) >> 8
+    return Image.fromarray(values.astype(np.uint8))  # 2-D uint8: mode L
+
+
 def to_rgb(im: Image.Image) -> Image.Image:
-    """EXIF orientation applied; CMYK, palette, grey and alpha images as RGB (alpha on white)."""
+    """EXIF orientation applied; CMYK, palette, grey (8, 16-bit or float) and alpha images as
+    RGB (alpha on white)."""
     im = ImageOps.exif_transpose(im)
+    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+        im = _to_8bit(im)
     has_alpha = im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
         im.mode == "P" and "transparency" in im.info)
     if has_alpha:
@@ -231,6 +254,8 @@ def prepare(data: bytes, source_ext: str, policy: ImagePolicy) -> StoredImage:
         im = _open(data)
         if PIL_FORMAT_EXT.get(im.format) != ext:
             raise BadImage("wrong_format", f".{source_ext} file holds {im.format}")
+        if ext == "png":
+            _check_png_end(data)
         width, height = im.size
     _check_pixels(width, height, policy)
     reencode = policy.image_format is not None or (

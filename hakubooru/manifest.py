@@ -1,17 +1,21 @@
 """The bookkeeping files of a shard folder: plan, per-shard sidecars, manifest, index.
 
 - ``.hakubooru-build.json`` (the plan): what the folder is being built from. Written
-  before the first shard; a later run (or another part) with different inputs is refused.
+  before the first shard, once (parts starting together agree on the first one written);
+  a later run (or another part) with different inputs is refused. The image archives are
+  not part of it: resuming with other archives is not detected.
 - ``.parts/shard-NNNNNN.json`` (sidecars): one per finished shard — its checksum, size,
   sample count, index rows and skipped posts. Written just before the shard is renamed
   into place, so a shard that exists always has one.
 - ``manifest.json``, ``index.parquet``, ``skipped.parquet``: assembled from the sidecars
-  once every shard is present. No timestamps: a re-run gives the same bytes.
+  once every shard is present, each under a temporary name then renamed into place.
+  No timestamps: a re-run gives the same bytes.
 """
 from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 
 import pyarrow as pa
@@ -50,14 +54,39 @@ def dump_json(obj, indent: int | None = 2) -> bytes:
                        separators=separators) + "\n").encode()
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write a small file under a temporary name, then rename it into place."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # parts may start at once
-    with open(tmp, "wb") as f:
+def _write_tmp(path: Path, data: bytes) -> Path:
+    # a name of its own: parts (processes, possibly on several machines) may start at once
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "xb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    return tmp
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write a file under a temporary name, then rename it into place."""
+    os.replace(_write_tmp(path, data), path)
+
+
+def write_parquet(path: Path, table: pa.Table) -> None:
+    """Write a Parquet table atomically (a reader never sees half a file)."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    write_atomic(path, sink.getvalue().to_pybytes())
+
+
+def create_once(path: Path, data: bytes) -> bool:
+    """Create ``path`` whole with ``data`` unless it exists (True if this call created it):
+    of several processes creating it at once, exactly one succeeds."""
+    tmp = _write_tmp(path, data)
+    try:
+        os.link(tmp, path)  # fails if path exists, where os.replace would overwrite it
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink()
 
 
 def read_json(path: Path):
@@ -70,15 +99,19 @@ def read_json(path: Path):
 
 def check_or_write_plan(out: Path, plan: dict) -> None:
     """Refuse a folder built from other inputs; start a new one with the plan file."""
+    if out.exists() and not out.is_dir():
+        raise HakubooruError(f"{out} is a file, not a folder; choose an output folder")
     existing = read_json(out / PLAN_FILE)
     if existing is None:
-        ours = (PARTS_DIR, f".{PLAN_FILE}.")  # another part starting at the same moment
+        ours = (PARTS_DIR, PLAN_FILE, f".{PLAN_FILE}.")  # another part starting at the same moment
         if out.exists() and any(not p.name.startswith(ours) for p in out.iterdir()):
             raise HakubooruError(
                 f"{out} is not empty and is not a hakubooru shard folder; use a new output folder")
         out.mkdir(parents=True, exist_ok=True)
-        write_atomic(out / PLAN_FILE, dump_json(plan))
-        existing = plan
+        created = create_once(out / PLAN_FILE, dump_json(plan))
+        existing = plan if created else read_json(out / PLAN_FILE)
+        if existing is None:
+            raise HakubooruError(f"{out / PLAN_FILE} is damaged; use a new output folder")
     differ = sorted(k for k in set(plan) | set(existing) if plan.get(k) != existing.get(k))
     if differ:
         raise HakubooruError(
@@ -135,8 +168,8 @@ def assemble(out: Path, plan: dict) -> dict | None:
             skipped["reason"].append(reason)
             skipped["detail"].append(detail)
             reasons[reason] = reasons.get(reason, 0) + 1
-    pq.write_table(pa.table(columns, schema=INDEX_SCHEMA), out / INDEX_FILE)
-    pq.write_table(pa.table(skipped, schema=SKIPPED_SCHEMA), out / SKIPPED_FILE)
+    write_parquet(out / INDEX_FILE, pa.table(columns, schema=INDEX_SCHEMA))
+    write_parquet(out / SKIPPED_FILE, pa.table(skipped, schema=SKIPPED_SCHEMA))
     written = sum(s["samples"] for s in sidecars)
     manifest = {
         **plan,

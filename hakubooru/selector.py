@@ -21,6 +21,8 @@ from __future__ import annotations
 import hashlib
 import json
 import operator
+from contextvars import ContextVar
+from datetime import datetime
 from dataclasses import dataclass, field
 from functools import reduce
 from pathlib import Path
@@ -28,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from peewee import SQL, Expression, Node, SqliteDatabase
+from peewee import SQL, Expression, Node, SqliteDatabase, fn
 
 from .db import RATINGS, Post, PostTagRelation, Tag, fingerprint
 from .errors import HakubooruError
@@ -39,6 +41,7 @@ _CHUNK = 20_000  # ids per SQL query when filtering a materialised set
 _SPARSE = 20  # above this id-span / id-count ratio, filter with IN (...) instead of a range scan
 _META_KEY = b"hakubooru"
 _RENDER_DB = SqliteDatabase(":memory:")  # only renders expressions to SQL text
+_MEMO: ContextVar[dict | None] = ContextVar("hakubooru_selector_memo", default=None)
 
 
 class _hybrid:
@@ -54,6 +57,22 @@ class _hybrid:
         if obj is None:
             return self.on_class.__get__(owner, owner)
         return self.on_instance.__get__(obj, owner)
+
+
+def _int(what: str, value) -> int:
+    """An integer argument, or a clear error (no silent truncation of 1.5 or "5")."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise HakubooruError(f"{what} must be an integer, got {value!r}")
+    return int(value)
+
+
+def _iso_date(what: str, value: str) -> str:
+    try:
+        datetime.fromisoformat(value)
+    except (TypeError, ValueError):
+        raise HakubooruError(f"{what} must be an ISO date such as 2020-01-31 or "
+                             f"2020-01-31T12:00:00+09:00, got {value!r}") from None
+    return value
 
 
 def _and(a, b):
@@ -84,6 +103,11 @@ def _select_ids(db, cond) -> np.ndarray:
     return _fetch_ids(db, sql, params)
 
 
+def _in_ids(ids: np.ndarray):
+    """``Post.id IN (ids)`` with the ids as one JSON parameter (no limit on their number)."""
+    return Post.id.in_(SQL("(SELECT value FROM json_each(?))", (json.dumps(ids.tolist()),)))
+
+
 def _filter_ids(db, ids: np.ndarray, cond) -> np.ndarray:
     """Keep the ids (sorted) that satisfy ``cond``, in bounded chunks."""
     if cond is None or len(ids) == 0:
@@ -93,7 +117,7 @@ def _filter_ids(db, ids: np.ndarray, cond) -> np.ndarray:
         block = ids[start:start + _CHUNK]
         lo, hi = int(block[0]), int(block[-1])
         if (hi - lo + 1) > _SPARSE * len(block):
-            where = Post.id.in_(block.tolist()) & cond
+            where = _in_ids(block) & cond
         else:
             where = (Post.id >= lo) & (Post.id <= hi) & cond
         found = _select_ids(db, where)
@@ -118,6 +142,16 @@ class Selector:
         raise NotImplementedError
 
     def _evaluate(self, db) -> np.ndarray:
+        """The ids of this node (reusing results within one ``explain``)."""
+        memo = _MEMO.get()
+        if memo is not None and id(self) in memo:
+            return memo[id(self)]
+        ids = self._compute(db)
+        if memo is not None:
+            memo[id(self)] = ids
+        return ids
+
+    def _compute(self, db) -> np.ndarray:
         cond = self._sql(db)
         if cond is NotImplemented:
             raise NotImplementedError(type(self).__name__)
@@ -132,9 +166,10 @@ class Selector:
     @classmethod
     def id_range(cls, lo: int, hi: int | None = None) -> "Selector":
         """Posts with lo <= id < hi (half-open; ``hi=None`` means no upper bound)."""
+        lo, hi = _int("id_range lo", lo), None if hi is None else _int("id_range hi", hi)
         if hi is not None and hi < lo:
             raise HakubooruError(f"id_range: hi ({hi}) is below lo ({lo})")
-        return _IdRange(int(lo), None if hi is None else int(hi))
+        return _IdRange(lo, hi)
 
     @classmethod
     def _from_ids(cls, ids) -> "Selector":
@@ -177,6 +212,8 @@ class Selector:
 
     def images_only(self, exts=STILL_IMAGE_EXTS) -> "Selector":
         """Keep still images only (drops gif, mp4, webm, zip/ugoira, swf, ...)."""
+        if isinstance(exts, str):
+            raise HakubooruError(f"images_only(exts=...) takes a list of extensions, not {exts!r}")
         exts = tuple(e.lower().lstrip(".") for e in exts)
         return _Filter(self, f"images_only({','.join(exts)})", Post.file_ext.in_(exts))
 
@@ -212,8 +249,10 @@ class Selector:
             raise HakubooruError("created() needs after= or before=")
         conds = []
         if after is not None:
+            _iso_date("created(after=...)", after)
             conds.append(SQL("datetime(created_at) >= datetime(?)", (after,)))
         if before is not None:
+            _iso_date("created(before=...)", before)
             conds.append(SQL("datetime(created_at) < datetime(?)", (before,)))
         label = "created(" + ",".join(f"{k}={v}" for k, v in (("after", after), ("before", before)) if v) + ")"
         return _Filter(self, label, reduce(operator.and_, conds))
@@ -226,9 +265,10 @@ class Selector:
         and Python/NumPy versions do not matter. Asking for more posts than there are is
         an error unless ``allow_fewer=True`` (then all are taken).
         """
+        n, seed = _int("sample() n", n), _int("sample() seed", seed)
         if n < 0:
             raise HakubooruError(f"sample(): n must be >= 0, got {n}")
-        return _Sample(self, int(n), int(seed), bool(allow_fewer))
+        return _Sample(self, n, seed, bool(allow_fewer))
 
     # ---- set algebra ----
     def __or__(self, other):
@@ -261,13 +301,14 @@ class Selector:
         """A peewee query over Post for this selection, for ad-hoc use."""
         cond = self._sql(db)
         if cond is NotImplemented:
-            cond = Post.id.in_(self._evaluate(db).tolist())
+            cond = _in_ids(self._evaluate(db))
         query = Post.select().order_by(Post.id)
         return (query.where(cond) if cond is not None else query).bind(db)
 
     def explain(self, db) -> str:
         """The expression tree with the number of posts at every node."""
         lines: list[str] = []
+        token = _MEMO.set({})
 
         def walk(node, prefix, child_prefix):
             lines.append(f"{prefix}{node.label}  [{node.count(db):,}]")
@@ -277,7 +318,10 @@ class Selector:
                 walk(kid, child_prefix + ("└─ " if last else "├─ "),
                      child_prefix + ("   " if last else "│  "))
 
-        walk(self, "", "")
+        try:
+            walk(self, "", "")
+        finally:
+            _MEMO.reset(token)
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -330,11 +374,15 @@ class _IdRange(Selector):
 
 class _Ids(Selector):
     def __init__(self, ids):
-        arr = np.unique(np.asarray(list(ids) if not hasattr(ids, "__array__") else ids, dtype=np.int64))
+        arr = np.asarray(ids if hasattr(ids, "__array__") else list(ids))
+        if arr.size and arr.dtype.kind not in "iu":
+            raise HakubooruError(f"Selector.ids() takes integer post ids, got {arr.dtype} values "
+                                 f"such as {arr.ravel()[0]!r}")
+        arr = np.unique(arr.astype(np.int64))
         self.array = arr
         self.label = f"ids(<{len(arr):,} ids>)"
 
-    def _evaluate(self, db):
+    def _compute(self, db):
         # only ids that exist as posts
         return _filter_ids(db, self.array, Post.id.is_null(False))
 
@@ -388,9 +436,9 @@ class _Filter(Selector):
         inner = self.child._sql(db)
         return NotImplemented if inner is NotImplemented else _and(inner, self.expr)
 
-    def _evaluate(self, db):
+    def _compute(self, db):
         if self.child._sql(db) is not NotImplemented:
-            return super()._evaluate(db)
+            return super()._compute(db)
         # a chain of filters over a materialised set: one pass with all conditions
         conds, base = [self.expr], self.child
         while isinstance(base, _Filter):
@@ -420,11 +468,13 @@ class _SetOp(Selector):
             return NotImplemented
         true = Post.id.is_null(False)
         ca, cb = (true if ca is None else ca), (true if cb is None else cb)
-        return {"union": ca | cb, "intersection": ca & cb, "difference": ca & ~cb}[self.op]
+        # SQL's NOT NULL is NULL: a post whose condition in b is NULL is not in b
+        return {"union": ca | cb, "intersection": ca & cb,
+                "difference": ca & ~fn.COALESCE(cb, 0)}[self.op]
 
-    def _evaluate(self, db):
+    def _compute(self, db):
         if self._sql(db) is not NotImplemented:
-            return super()._evaluate(db)
+            return super()._compute(db)
         return _SET_NP[self.op](self.a._evaluate(db), self.b._evaluate(db)).astype(np.int64)
 
     def _to_dict(self):
@@ -447,7 +497,7 @@ class _Sample(Selector):
     def _children(self):
         return (self.child,)
 
-    def _evaluate(self, db):
+    def _compute(self, db):
         candidates = self.child._evaluate(db)
         if self.n > len(candidates) and not self.allow_fewer:
             raise HakubooruError(
@@ -472,6 +522,9 @@ class Selection:
     expression: dict
     db_fingerprint: str
     meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.ids = np.unique(np.asarray(self.ids, np.int64))  # sorted, no duplicates
 
     @property
     def digest(self) -> str:
@@ -507,9 +560,12 @@ def load_selection(path) -> Selection:
     meta_raw = (table.schema.metadata or {}).get(_META_KEY)
     if meta_raw is None or "id" not in table.column_names:
         raise HakubooruError(f"{path}: not a hakubooru selection (no 'id' column or metadata)")
-    meta = json.loads(meta_raw)
-    ids = table.column("id").to_numpy().astype(np.int64)
-    sel = Selection(ids, meta.pop("expression"), meta.pop("db_fingerprint"), meta)
+    try:
+        meta = json.loads(meta_raw)
+        ids = table.column("id").to_numpy().astype(np.int64)
+        sel = Selection(ids, meta.pop("expression"), meta.pop("db_fingerprint"), meta)
+    except (ValueError, KeyError, TypeError, AttributeError, pa.ArrowException) as e:
+        raise HakubooruError(f"{path}: damaged selection metadata ({type(e).__name__}: {e})") from None
     if sel.digest != meta.get("sha256"):
         raise HakubooruError(f"{path}: ids do not match their recorded checksum (file damaged?)")
     return sel

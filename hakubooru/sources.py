@@ -20,6 +20,7 @@ import hashlib
 import os
 import re
 import tarfile
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from tqdm import tqdm
 
 from .errors import HakubooruError
 
-MEMBER_NAME = re.compile(r"^(\d+)\.([A-Za-z0-9]+)$")
+MEMBER_NAME = re.compile(r"^(\d{1,18})\.([A-Za-z0-9]+)$")  # 18 digits: always an int64
 BUCKETED_TAR = re.compile(r"^data-\d(\d{3})\.tar$")
 BASE_FOLDERS = ("images", "original", "recent")
 CACHE_ENV = "HAKUBOORU_TARINDEX_CACHE"
@@ -52,7 +53,7 @@ class MemberIndex:
     offsets: np.ndarray
     sizes: np.ndarray
     exts: np.ndarray
-    ignored: int = 0  # members whose name is not <digits>.<ext>, and folders
+    ignored: int = 0  # members whose name is not <id>.<ext> (id of 1-18 digits), and folders
     cut_short: bool = False  # the tar ends in the middle of a member
 
 
@@ -98,8 +99,8 @@ def index_tar(path, cache_dir=None) -> MemberIndex:
         with np.load(cached, allow_pickle=False) as z:
             return MemberIndex(z["ids"], z["offsets"], z["sizes"], z["exts"], int(z["ignored"]),
                                bool(z["cut_short"]))
-    except (OSError, KeyError, ValueError):
-        pass  # absent or unreadable cache entry: scan again
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
+        pass  # absent or damaged cache entry: scan again
     index = _scan_tar(path)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_suffix(f".{os.getpid()}.tmp")

@@ -24,13 +24,15 @@ import webdataset as wds
 import xxhash
 from PIL import Image
 
+from hakubooru import manifest as mf
 from hakubooru.builder import build_shards, merge
 from hakubooru.captioner import Captioner
 from hakubooru.cli import main as cli_main
 from hakubooru.db import open_db
+from hakubooru.hf import hf_features
 from hakubooru.shardwriter import file_checksum
 from hakubooru.errors import HakubooruError
-from hakubooru.selector import Selector
+from hakubooru.selector import Selection, Selector
 
 REPO = Path(__file__).resolve().parents[1]
 SHARD_SIZE = 100
@@ -174,21 +176,29 @@ def test_two_workers_give_identical_bytes(demo, tmp_path):
     assert folder_bytes(tmp_path / "w2") == folder_bytes(demo["out"])
 
 
-def test_parts_merge_into_the_same_folder(demo, tmp_path):
+def test_parts_merge_into_the_same_folder(demo, tmp_path, capsys):
     out = tmp_path / "parts"
     first = build(demo, out, part="0/3")
     # shards k % 3 == 0 of 6: 0 and 3
     assert first.shards_built == 2 and not first.complete
     assert not (out / "manifest.json").exists()
     with pytest.raises(HakubooruError, match="4 of 6 shards not finished"):
-        merge(out, progress=False)
+        merge(out)
     build(demo, out, part="2/3")
     last = build(demo, out, part=(1, 3))
     assert last.complete  # the last part to finish writes the manifest and index
     assert folder_bytes(out) == folder_bytes(demo["out"])
     (out / "manifest.json").unlink()
+    inodes = {name: (out / name).stat().st_ino for name in ("index.parquet", "skipped.parquet")}
+    capsys.readouterr()
     assert cli_main(["build", "--merge", str(out), "--quiet"]) == 0
+    # 6 shards; 600 selected minus the missing ones written
+    written = demo["result"].written
+    assert capsys.readouterr().err.strip() == (
+        f"{out}: merged 6 shards; {written} written, {600 - written} skipped")
     assert folder_bytes(out) == folder_bytes(demo["out"])
+    # rewritten under a temporary name and renamed, never in place (a reader sees old or new)
+    assert all((out / name).stat().st_ino != ino for name, ino in inodes.items())
 
 
 def test_rerun_verifies_and_rebuilds_a_damaged_shard(demo, tmp_path):
@@ -388,3 +398,116 @@ def test_source_tar_cut_short_skips_the_cut_member(demo, tmp_path, capsys):
     assert result.written == 1 and result.skipped == {"truncated": 1}
     assert result.cut_short_tars == [str(cut)]
     assert "1 source tars cut short" in capsys.readouterr().err
+
+
+def test_quiet_still_prints_the_summary_line(demo, tmp_path, capsys):
+    out = tmp_path / "quiet"
+    assert cli_main(["build", "--db", str(demo["db"]), "--images", str(demo["images"]),
+                     "--selection", str(demo["sel_path"]), "--out", str(out), "--shard-size",
+                     "300", "--cache-dir", str(demo["tmp"] / "cache"), "--quiet"]) == 0
+    lines = capsys.readouterr().err.strip().splitlines()
+    # no progress bar, one line: 600 posts / 300 per shard = 2 shards
+    assert len(lines) == 1
+    assert lines[0].startswith(f"{out}: 2 shards built, 0 verified (of 2); 600 posts, ")
+    assert lines[0].endswith("complete: manifest.json written")
+
+
+# ---- reading back with Hugging Face datasets --------------------------------------------
+
+def test_datasets_reads_shards_that_start_with_empty_tag_groups(demo, tmp_path):
+    sources = archive_members(demo["images"])
+    records = {i: (c, r) for i, c, r in Captioner(demo["db"]).captions(np.array(sorted(sources)))}
+    # datasets guesses column types from the first 5 samples of the first shard: start it
+    # with 6 posts whose meta list is empty, then posts where it is not
+    empty = [i for i in sorted(records) if not records[i][1]["meta"]][:6]
+    tagged = [i for i in sorted(records) if i > empty[-1] and records[i][1]["meta"]][:4]
+    assert len(empty) == 6 and len(tagged) == 4
+    Selector.ids(empty + tagged).save(tmp_path / "sel.parquet", open_db(demo["db"]))
+    out = tmp_path / "out"
+    build_shards(demo["db"], demo["images"], tmp_path / "sel.parquet", out, shard_size=8,
+                 cache_dir=demo["tmp"] / "cache", progress=False)
+    urls = [str(p) for p in sorted(out.glob("shard-*.tar"))]
+    assert len(urls) == 2  # 10 posts, 8 per shard
+
+    ds = datasets.load_dataset("webdataset", data_files={"train": urls}, split="train",
+                               features=hf_features("webp"), cache_dir=str(tmp_path / "hf"))
+    assert ds.column_names == ["__key__", "__url__", "json", "txt", "webp"]
+    assert [int(k) for k in ds["__key__"]] == empty + tagged
+    for row in ds:
+        post_id = int(row["__key__"])
+        caption, record = records[post_id]
+        size = Image.open(io.BytesIO(sources[post_id])).size
+        assert row["__url__"] == urls[(empty + tagged).index(post_id) // 8]
+        assert row["txt"] == caption
+        assert row["json"] == {**record, "width": size[0], "height": size[1]}
+        assert row["webp"].size == size  # decoded by datasets' Image feature
+    assert [row["meta"] for row in ds["json"][:6]] == [[]] * 6
+    with pytest.raises(HakubooruError, match="unknown image extension 'gif'"):
+        hf_features("gif")
+
+
+# ---- selections, output folders, plans ---------------------------------------------------
+
+def test_unsorted_or_repeated_selection_ids_lose_no_post(demo, tmp_path):
+    a, b, c = sorted(archive_members(demo["images"]))[:3]
+    selection = Selection(np.array([c, a, c, b]), {"op": "ids"}, demo["selection"].db_fingerprint)
+    assert selection.ids.tolist() == [a, b, c]  # sorted, duplicates dropped
+    result = build_shards(demo["db"], demo["images"], selection, tmp_path / "out", shard_size=2,
+                          cache_dir=demo["tmp"] / "cache", progress=False)
+    # 3 distinct posts, 2 per shard -> 2 shards holding all 3
+    assert (result.shard_count, result.written) == (2, 3)
+    assert pq.read_table(tmp_path / "out/index.parquet").column("id").to_pylist() == [a, b, c]
+    selection.ids = np.array([c, a, b])  # set behind the constructor's back
+    with pytest.raises(HakubooruError, match="not sorted and unique"):
+        build_shards(demo["db"], demo["images"], selection, tmp_path / "out2",
+                     cache_dir=demo["tmp"] / "cache", progress=False)
+    assert not (tmp_path / "out2").exists()
+
+
+def test_max_pixels_on_avif_without_format_is_refused_up_front(demo, tmp_path):
+    post_id = sorted(archive_members(demo["images"]))[0]
+    images = tmp_path / "avif"
+    images.mkdir()
+    avif = io.BytesIO()
+    Image.new("RGB", (40, 30), (10, 200, 30)).save(avif, "AVIF")
+    (images / f"{post_id}.avif").write_bytes(avif.getvalue())
+    Selector.ids([post_id]).save(tmp_path / "sel.parquet", open_db(demo["db"]))
+    args = (demo["db"], images, tmp_path / "sel.parquet")
+    # 40x30 = 1200 px > 1000 would need a downscale, and AVIF is no output format
+    with pytest.raises(HakubooruError, match=r"--max-pixels cannot downscale \.avif.*--format"):
+        build_shards(*args, tmp_path / "out", max_pixels=1000, cache_dir=tmp_path / "c",
+                     progress=False)
+    assert not (tmp_path / "out").exists()
+    # pass-through keeps it as .avif (accepted like jpg/png/webp)
+    result = build_shards(*args, tmp_path / "out", cache_dir=tmp_path / "c", progress=False)
+    assert result.written == 1
+    assert pq.read_table(tmp_path / "out/index.parquet").column("ext").to_pylist() == ["avif"]
+
+
+def test_output_path_that_is_a_file_is_one_clear_error(demo, tmp_path):
+    (tmp_path / "out").write_text("mine")
+    with pytest.raises(HakubooruError, match="is a file, not a folder"):
+        build(demo, tmp_path / "out")
+    assert (tmp_path / "out").read_text() == "mine"
+
+
+def test_parts_starting_together_agree_on_one_plan(tmp_path):
+    plan = {"format": mf.FORMAT, "shard_count": 3}
+    other = {**plan, "shard_count": 4}
+    out = tmp_path / "out"
+    out.mkdir()
+    # part A writes the plan; part B, which found none a moment earlier, must not replace it
+    assert mf.create_once(out / mf.PLAN_FILE, mf.dump_json(plan))
+    assert not mf.create_once(out / mf.PLAN_FILE, mf.dump_json(other))
+    assert json.loads((out / mf.PLAN_FILE).read_text()) == plan
+    # a folder holding only the plan is accepted when the plan matches
+    mf.check_or_write_plan(out, plan)
+    with pytest.raises(HakubooruError, match="different shard_count"):
+        mf.check_or_write_plan(out, other)
+    assert sorted(p.name for p in out.iterdir()) == [mf.PLAN_FILE, mf.PARTS_DIR]  # no temp files
+
+    # a plan file that cannot be read is named as such (not taken for a foreign folder)
+    (tmp_path / "damaged").mkdir()
+    (tmp_path / "damaged" / mf.PLAN_FILE).write_text("{cut sh")
+    with pytest.raises(HakubooruError, match="is damaged"):
+        mf.check_or_write_plan(tmp_path / "damaged", plan)

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from hakubooru.errors import HakubooruError
-from hakubooru.images import BadImage, ImagePolicy, fit_pixels, prepare, webp_size
+from hakubooru.images import BadImage, ImagePolicy, fit_pixels, prepare, to_rgb, webp_size
 
 PASS = ImagePolicy()
 
@@ -191,3 +191,47 @@ def test_avif_passes_through_but_cannot_be_downscaled_in_its_own_format():
     with pytest.raises(HakubooruError, match="--format"):
         prepare(data, "avif", ImagePolicy(max_pixels=500))
     assert prepare(data, "avif", ImagePolicy(image_format="png", max_pixels=500)).ext == "png"
+
+
+def grey_ramp_16bit() -> np.ndarray:
+    """64x64 uint16: pixel (y, x) = (64y + x) * 16, i.e. 0, 16, ..., 65520, each value once."""
+    return ((np.arange(64)[:, None] * 64 + np.arange(64)[None, :]) * 16).astype(np.uint16)
+
+
+def test_16bit_grey_png_is_scaled_not_clipped_to_white():
+    data = encode(Image.fromarray(grey_ramp_16bit()), "PNG")
+    assert Image.open(io.BytesIO(data)).mode == "I;16"  # a real 16-bit grey PNG
+    out = Image.open(io.BytesIO(prepare(data, "png", ImagePolicy(image_format="png")).data))
+    # top 8 bits: (64y + x) * 16 >> 8 = (64y + x) // 16, so each of 0..255 appears 16 times
+    # -> mean 127.5 (clipping to 255 would give ~255: every value above 255 turns white)
+    assert out.mode == "RGB"
+    assert np.asarray(out).mean() == 127.5
+    assert np.asarray(out)[0, :16, 0].tolist() == [0] * 16  # 0..240 >> 8 = 0
+
+
+def test_32bit_and_float_grey_become_8bit():
+    # mode I: read as 16-bit samples, like the ramp above
+    assert np.asarray(to_rgb(Image.fromarray(grey_ramp_16bit().astype(np.int32)))).mean() == 127.5
+    # mode F: 0..1 -> 0..255; 0.5 * 255 = 127.5 rounds (half to even) to 128
+    floats = Image.fromarray(np.array([[0.0, 0.5, 1.0, 2.0]], np.float32))
+    assert np.asarray(to_rgb(floats))[0, :, 0].tolist() == [0, 128, 255, 255]
+
+
+@pytest.mark.parametrize("cut", [1, 2, 3, 4])
+@pytest.mark.parametrize("policy", [PASS, ImagePolicy(validate="full"),
+                                    ImagePolicy(image_format="webp")])
+def test_png_cut_inside_its_iend_crc_is_truncated(cut, policy):
+    data = encode(noisy(32, 32), "PNG")
+    assert data.endswith(b"IEND\xaeB`\x82")  # the last 4 bytes are IEND's CRC
+    assert reason(data[:-cut], "png", policy) == "truncated"
+
+
+def test_png_with_bytes_after_iend_passes():
+    data = encode(noisy(32, 32), "PNG") + b"appended"
+    assert prepare(data, "png", PASS).data == data
+
+
+def test_bmp_passes_through():
+    data = encode(noisy(20, 10), "BMP")
+    stored = prepare(data, "bmp", PASS)
+    assert (stored.data, stored.ext, stored.width, stored.height) == (data, "bmp", 20, 10)

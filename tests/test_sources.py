@@ -160,3 +160,31 @@ def test_reader_keeps_few_files_open(webp4m, tmp_path):
         assert [reader.read(located.member(k)) for k in range(4)] == [
             b"five-mar", b"thousand-five-new", b"two-thousand-five", b"six"]
         assert len(reader._files) == 1
+
+
+def test_overlong_ids_are_ignored_not_fatal(tmp_path):
+    root = tmp_path / "long"
+    # 25 digits > int64; 18 digits is the longest id taken (999...9 < 2**63 - 1 = 9.2e18)
+    make_tar(root / "extra.tar", [("9999999999999999999999999.webp", b"huge"),
+                                  ("999999999999999999.webp", b"eighteen"), ("3.webp", b"three")])
+    (root / "1234567890123456789012.png").write_bytes(b"loose, too long")
+    source = ImageSource.open(root, cache_dir=tmp_path / "c")
+    assert read(source, [3, 999999999999999999]) == {3: b"three", 999999999999999999: b"eighteen"}
+    assert source.ignored_members == 2  # the 25-digit member and the 22-digit loose file
+
+
+@pytest.mark.parametrize("damage", ["cut", "flip"])
+def test_damaged_index_cache_is_rebuilt(tmp_path, damage):
+    tar = tmp_path / "a/data-0001.tar"
+    make_tar(tar, [("1.webp", b"one"), ("1001.webp", b"more")])
+    cache = tmp_path / "cache"
+    index_tar(tar, cache)
+    (entry,) = cache.glob("*.npz")
+    data = bytearray(entry.read_bytes())
+    if damage == "cut":
+        data = data[: len(data) // 2]  # a zip without its central directory
+    else:
+        data[60:120] = bytes(60)  # inside the first array's member: its CRC no longer matches
+    entry.write_bytes(bytes(data))
+    index = index_tar(tar, cache)
+    assert index.ids.tolist() == [1, 1001] and index.sizes.tolist() == [3, 4]

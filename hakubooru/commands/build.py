@@ -23,14 +23,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--cache-dir", help="tar index cache (default ~/.cache/hakubooru/tarindex)")
     parser.add_argument("--merge", metavar="OUT",
                         help="only assemble manifest and index of a folder built in parts")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bars (the end-of-run line is still printed)")
 
 
 def run(args) -> int:
     from ..builder import build_shards, merge
 
     if args.merge:
-        merge(args.merge, progress=not args.quiet)
+        merge(args.merge)
         return 0
     missing = [f"--{n}" for n in ("db", "images", "selection", "out") if not getattr(args, n)]
     if missing:
