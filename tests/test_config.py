@@ -70,7 +70,11 @@ def test_user_toml_file_layers_on_epsilon(tmp_path):
     ("data.resolution=100", "multiple of 8"),
     ("data.bucket_min=2048", "data.bucket_min ≤ data.resolution ≤ data.bucket_max"),
     ("train.gradient_checkpointing=1", "must be bool"),
-    ("lokr.factors.Attention=0", "'lokr.factors.Attention' must be ≥ 1"),
+    ("lokr.factors.Attention=0", "'lokr.factors.Attention' must be an integer ≥ 1"),
+    ("lokr.factors.Attention=-1", "'lokr.factors.Attention' must be an integer ≥ 1"),
+    ("optimizer.lr_unet=nan", "'optimizer.lr_unet' must be a finite float, got nan"),
+    ("train.noise_offset=inf", "'train.noise_offset' must be a finite float, got inf"),
+    ("optimizer.betas=[0.9, nan]", "'optimizer.betas' must be two numbers"),
     ("lokr.factors.Conv=4", "unknown config key 'lokr.factors.Conv'"),
     ("train", "--set expects section.key=value"),
 ])

@@ -57,3 +57,9 @@ def test_two_ranks_of_batch_b_equal_one_of_batch_2b_across_kill_and_resume(tmp_p
     differing = sum(int(((la[k] - lb[k]).abs() > 1e-6).sum()) for k in la) / sum(v.numel() for v in la.values())
     assert differing < 0.01, differing
     assert all(torch.equal(la[k], lb[k]) for k in la if k.endswith(".alpha"))
+    # Lion only sees the gradient's sign, so the weights cannot show its scale; the logged
+    # gradient norm can: at step 1 (identical weights) the averaged 2-rank gradient must equal
+    # the 1-process gradient, and so must the loss (a missing /world_size would double the norm)
+    first = [json.loads((run / "metrics.jsonl").read_text().splitlines()[0]) for run in (single, ddp)]
+    assert abs(first[0]["grad_norm"] - first[1]["grad_norm"]) <= 1e-4 * first[0]["grad_norm"], first
+    assert abs(first[0]["loss"] - first[1]["loss"]) <= 1e-4 * first[0]["loss"], first

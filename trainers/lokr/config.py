@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import math
 from pathlib import Path
 
 try:
@@ -78,13 +79,13 @@ def _set(cfg: dict, dotted: str, value, schema: dict, origin: str) -> None:
     if isinstance(expected, bool) or isinstance(value, bool):
         ok = isinstance(value, bool) and isinstance(expected, bool)
     elif isinstance(expected, float):
-        ok = isinstance(value, (int, float))
+        ok = isinstance(value, (int, float)) and math.isfinite(value)
         value = float(value) if ok else value
     else:
         ok = isinstance(value, type(expected))
     if not ok:
-        raise HakubooruError(f"{origin}: config key '{dotted}' must be {type(expected).__name__}, "
-                             f"got {value!r}")
+        kind = "a finite float" if isinstance(expected, float) else type(expected).__name__
+        raise HakubooruError(f"{origin}: config key '{dotted}' must be {kind}, got {value!r}")
     *tables, key = dotted.split(".")
     node = cfg
     for t in tables:
@@ -129,11 +130,11 @@ def validate(cfg: dict) -> None:
     if flat["data.tag_dropout"] >= 1:
         raise HakubooruError(f"config key 'data.tag_dropout' must be < 1 (got {flat['data.tag_dropout']})")
     betas = flat["optimizer.betas"]
-    if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+    if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):  # also NaN
         raise HakubooruError(f"config key 'optimizer.betas' must be two numbers in [0, 1) (got {betas!r})")
     for key, value in flat.items():
-        if key.startswith("lokr.factors.") and not (value == -1 or value >= 1):
-            raise HakubooruError(f"config key '{key}' must be ≥ 1, or -1 for LyCORIS's automatic factor (got {value})")
+        if key.startswith("lokr.factors.") and not (isinstance(value, int) and value >= 1):
+            raise HakubooruError(f"config key '{key}' must be an integer ≥ 1 (got {value!r})")
 
 
 def load_config(name_or_path: str = "epsilon", overrides=()) -> dict:
