@@ -93,7 +93,13 @@ def _check_one_extension(located, policy: ImagePolicy) -> None:
 
 
 def _build_shard(out: str, k: int, entries: list, policy: ImagePolicy) -> dict:
-    """Write shard ``k`` from ``(id, caption, record, member)`` entries; returns its sidecar."""
+    """Write and commit shard ``k``; returns its sidecar."""
+    return _commit_shard(out, k, *_write_shard(out, k, entries, policy))
+
+
+def _write_shard(out: str, k: int, entries: list, policy: ImagePolicy) -> tuple[ShardWriter, dict]:
+    """Write shard ``k`` from ``(id, caption, record, member)`` entries under its temporary
+    name; returns the writer (to commit) and the shard's sidecar."""
     out = Path(out)
     rows = {name: [] for name in ROW_COLUMNS}
     skipped = []
@@ -131,7 +137,18 @@ def _build_shard(out: str, k: int, entries: list, policy: ImagePolicy) -> dict:
         raise
     sidecar = {"name": mf.shard_name(k), "samples": writer.count, "size": size,
                CHECKSUM: checksum, "rows": rows, "skipped": skipped}
-    mf.write_sidecar(out, k, sidecar)
+    return writer, sidecar
+
+
+def _commit_shard(out: str, k: int, writer: ShardWriter, sidecar: dict) -> dict:
+    """Make shard ``k`` durable, then visible: fsync, sidecar, rename. A crash before the
+    rename leaves only a temporary file, which the next run rebuilds."""
+    try:
+        writer.sync()
+    except BaseException:
+        writer.abort()
+        raise
+    mf.write_sidecar(Path(out), k, sidecar)
     writer.publish()
     return sidecar
 
@@ -258,8 +275,16 @@ def _verify(out: Path, shards: list, workers: int):
 def _run(tasks, out: str, policy: ImagePolicy, workers: int):
     """Build the shards of ``tasks``; yields sidecars as shards finish."""
     if workers == 1:
-        for k, entries in tasks:
-            yield _build_shard(out, k, entries, policy)
+        # the disk flush of shard k (fsync releases the GIL) overlaps the writing of shard k+1
+        with cf.ThreadPoolExecutor(1) as committer:
+            pending = None
+            for k, entries in tasks:
+                writer, sidecar = _write_shard(out, k, entries, policy)
+                if pending is not None:
+                    yield pending.result()
+                pending = committer.submit(_commit_shard, out, k, writer, sidecar)
+            if pending is not None:
+                yield pending.result()
         return
     with _pool(workers) as pool:
         running = set()

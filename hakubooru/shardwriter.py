@@ -48,12 +48,17 @@ class _HashingFile:
     def tell(self) -> int:
         return self.length
 
-    def close(self) -> None:
-        """Flush the file to disk and close it."""
+    def flush(self) -> None:
+        """Hand everything written to the operating system."""
+        self._f.flush()
+
+    def close(self, sync: bool = True) -> None:
+        """Flush the file to disk (unless ``sync=False``) and close it."""
         if self._f.closed:
             return
         self._f.flush()
-        os.fsync(self._f.fileno())
+        if sync:
+            os.fsync(self._f.fileno())
         self._f.close()
 
 
@@ -127,18 +132,24 @@ class ShardWriter:
         return spans
 
     def finish(self) -> tuple[str, int]:
-        """Complete the tar under its temporary name and flush it to disk: (checksum hex, bytes)."""
+        """Complete the tar under its temporary name: (checksum hex, bytes). ``sync`` then makes
+        it durable (kept apart, so a caller can overlap the disk flush with other work)."""
         end = self._file.tell() + len(self._pending) + 2 * tarfile.BLOCKSIZE  # two zero blocks
         self._file.write(self._pending + b"\0" * (2 * tarfile.BLOCKSIZE + (-end % tarfile.RECORDSIZE)))
         self._pending = b""
-        self._file.close()
+        self._file.flush()
         return self._file.hash.hexdigest(), self._file.length
+
+    def sync(self) -> None:
+        """Flush the finished tar to disk and close it (before ``publish``)."""
+        self._file.close()
 
     def publish(self) -> None:
         """Rename the finished tar into place (atomic: the shard appears whole or not at all)."""
+        self._file.close()  # no-op after sync()
         os.replace(self._tmp, self.path)
 
     def abort(self) -> None:
         """Drop the unfinished tar."""
-        self._file.close()
+        self._file.close(sync=False)
         self._tmp.unlink(missing_ok=True)
