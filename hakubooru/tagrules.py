@@ -21,7 +21,6 @@ ARTIST_KEYWORD_BLACKLIST = ("banned",)
 
 # Tag groups in caption order; the first four make up the record's "keep" list.
 TAG_GROUPS = ("people", "character", "copyright", "artist", "general", "meta")
-KEEP_GROUPS = ("people", "character", "copyright", "artist")
 
 # (last year of the span, tag); earlier years fall into the first span, later into the last.
 YEAR_TAGS = ((2010, "old"), (2014, "early"), (2017, "mid"), (2020, "recent"), (2024, "newest"))
