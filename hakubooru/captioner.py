@@ -13,14 +13,13 @@ Work is split so that nothing is done per post that could be done once:
 """
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 from tqdm import tqdm
 
-from .db import RATINGS, TAG_TYPES, open_db
+from .db import IDS_SUBQUERY, RATINGS, TAG_TYPES, ids_param, open_db
 from .errors import HakubooruError
 from .quality import NO_QUALITY_ABOVE_ID, QualityThresholds
 from .tagrules import RATING_TAGS, TAG_GROUPS, TagRules, escape_parentheses, year_tag_table
@@ -212,8 +211,7 @@ class Captioner:
                 keep = ids[np.minimum(np.searchsorted(ids, row_ids), len(ids) - 1)] == row_ids
                 rows = [r for r, k in zip(rows, keep.tolist()) if k]
             return rows
-        return self.db.execute_sql(f"{sql} IN (SELECT value FROM json_each(?)){tail}",
-                                   (json.dumps(ids.tolist()),)).fetchall()
+        return self.db.execute_sql(f"{sql} IN {IDS_SUBQUERY}{tail}", (ids_param(ids),)).fetchall()
 
     def _tag_pairs(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(post id, tag id) pairs of the chunk, fetched as one comma-joined list per post."""

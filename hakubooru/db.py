@@ -7,6 +7,7 @@ user's file is only ever opened read-only: SQLite URI ``mode=ro`` plus
 from __future__ import annotations
 
 import hashlib
+import json
 import sqlite3
 from pathlib import Path
 from urllib.parse import quote
@@ -195,6 +196,16 @@ def open_db(path) -> SqliteDatabase:
     db.hakubooru_path = path
     db.bind(MODELS, bind_refs=False, bind_backrefs=False)
     return db
+
+
+# "IN" operand for many post ids: bound as ONE JSON parameter, so SQLite's limit on the
+# number of parameters never applies; pass ids_param(ids) as its value
+IDS_SUBQUERY = "(SELECT value FROM json_each(?))"
+
+
+def ids_param(ids) -> str:
+    """The parameter for IDS_SUBQUERY: the ids (a numpy int array) as a JSON list."""
+    return json.dumps(ids.tolist())
 
 
 def db_path(db: SqliteDatabase) -> Path:

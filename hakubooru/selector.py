@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from peewee import SQL, Expression, Node, SqliteDatabase, fn
 
-from .db import RATINGS, Post, PostTagRelation, Tag, fingerprint
+from .db import IDS_SUBQUERY, RATINGS, Post, PostTagRelation, Tag, fingerprint, ids_param
 from .errors import HakubooruError
 from .rng import hash64_array
 
@@ -105,7 +105,7 @@ def _select_ids(db, cond) -> np.ndarray:
 
 def _in_ids(ids: np.ndarray):
     """``Post.id IN (ids)`` with the ids as one JSON parameter (no limit on their number)."""
-    return Post.id.in_(SQL("(SELECT value FROM json_each(?))", (json.dumps(ids.tolist()),)))
+    return Post.id.in_(SQL(IDS_SUBQUERY, (ids_param(ids),)))
 
 
 def _filter_ids(db, ids: np.ndarray, cond) -> np.ndarray:
