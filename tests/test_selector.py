@@ -236,3 +236,12 @@ def test_select_command(dbfile, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: cannot evaluate --expr: AttributeError")
     assert len(err.strip().splitlines()) == 1
+
+
+def test_unwritable_output_is_one_line(dbfile, capsys):
+    from hakubooru.cli import main
+    rc = main(["select", "--db", str(dbfile), "--expr", "Selector.all()",
+               "--out", "/proc/no-such-dir/sel.parquet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    assert "/proc/no-such-dir" in err
