@@ -54,7 +54,8 @@ def test_file_size_estimate_matches_a_saved_file(tmp_path):
     # The same counting on the tiny model, next to the real file written by save_lokr.
     cfg = load_config("epsilon")
     estimate = dry_run(cfg, tiny_sdxl()).file_bytes
-    path = save_lokr(create_lokr(tiny_sdxl(), cfg["lokr"]), tmp_path / "lokr.safetensors", {"step": "1"})
+    sdxl = tiny_sdxl()
+    path = save_lokr(create_lokr(sdxl, cfg["lokr"]), tmp_path / "lokr.safetensors", {"step": "1"}, unet=sdxl.unet)
     assert abs(estimate - os.path.getsize(path)) / os.path.getsize(path) < 0.01
 
 

@@ -1,14 +1,12 @@
-"""A trained LoKr gives the same outputs hooked in (training), reloaded by LyCORIS's own
-loader, and merged into the weights (in memory, as a single file and as a folder)."""
+"""A trained LoKr gives the same outputs hooked in (training) and merged into the weights (in
+memory, as a single file and as a folder). LyCORIS's own loaders: tests/test_lokr_file.py."""
 import pytest
 import torch
-from lycoris import create_lycoris_from_weights
-from safetensors.torch import load_file
 
 from hakubooru.errors import HakubooruError
 from trainers.lokr.merge import main, merge_lokr
 from trainers.lokr.models import load_sdxl, save_sdxl, tiny_sdxl
-from trainers.lokr.network import TextModelView, create_lokr, save_lokr
+from trainers.lokr.network import create_lokr, save_lokr
 from trainers.lokr.text import encode_prompts
 from tests.torch_threads import one_torch_thread  # noqa: F401  (autouse)
 
@@ -44,29 +42,14 @@ def trained(tmp_path_factory):
     expected = outputs(sdxl)
     # the LoKr must matter, or every comparison below would pass trivially
     assert (expected[0] - base).abs().max() > 0.1
-    path = save_lokr(network, tmp_path_factory.mktemp("lokr") / "lokr.safetensors", {"step": 5}, dtype="fp32")
+    path = save_lokr(network, tmp_path_factory.mktemp("lokr") / "lokr.safetensors", {"step": 5}, unet=sdxl.unet,
+                     dtype="fp32")
     return path, expected
 
 
 def assert_outputs_close(got, expected):
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, **TOL)
-
-
-def test_lycoris_generic_loader_gives_training_outputs(trained):
-    path, expected = trained
-    sdxl = tiny_sdxl(seed=0)
-    # create_lycoris_from_weights names modules "lycoris_<path>" within the module it is given;
-    # a holder with children unet / te1 / te2 (text encoder 1 seen under .text_model, like
-    # the kohya names) makes "<path>" exactly the rest of each kohya name after "lora_".
-    holder = torch.nn.Module()
-    holder.unet, holder.te1, holder.te2 = sdxl.unet, TextModelView(sdxl.text_encoder_1), sdxl.text_encoder_2
-    weights = {"lycoris_" + k.removeprefix("lora_"): v for k, v in load_file(path).items()}
-    network, _ = create_lycoris_from_weights(1.0, None, holder, weights_sd=weights)
-    assert len(network.loras) == 150 + 36
-    assert all(lora.scale == 1 for lora in network.loras)
-    network.apply_to()
-    assert_outputs_close(outputs(sdxl), expected)
 
 
 def test_merged_in_memory_gives_training_outputs(trained):

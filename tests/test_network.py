@@ -116,11 +116,13 @@ def test_trainable_and_param_groups():
 
 
 def test_saved_file_keys_alpha_metadata(tmp_path):
-    net = create_lokr(tiny_sdxl(), CFG)
+    sdxl = tiny_sdxl()
+    net = create_lokr(sdxl, CFG)
     with torch.no_grad():
         for lora in net.loras:
             lora.lokr_w2.normal_(std=0.01)
-    path = save_lokr(net, tmp_path / "lokr.safetensors", {"step": 12, "config": {"a": 1}, "base_model": "abc"})
+    path = save_lokr(net, tmp_path / "lokr.safetensors", {"step": 12, "config": {"a": 1}, "base_model": "abc"},
+                     unet=sdxl.unet)
     weights = load_file(path)
     modules = {}
     for key in weights:
@@ -139,7 +141,8 @@ def test_saved_file_keys_alpha_metadata(tmp_path):
     assert len(loaded.unet_loras) == 150 and len(loaded.text_encoder_loras) == 36
     assert all(lora.scale == 1 for lora in loaded.unet_loras + loaded.text_encoder_loras)
     # fp32 save and fp32 state dict keep the weights exactly
-    exact = load_file(save_lokr(net, tmp_path / "fp32.safetensors", {}, dtype="fp32"))
+    exact = load_file(save_lokr(net, tmp_path / "fp32.safetensors", {}, unet=sdxl.unet, dtype="fp32",
+                                naming="diffusers"))
     state = lokr_state_dict(net)
     assert set(exact) == set(state) and all(torch.equal(exact[k], state[k]) for k in state)
     assert all(v.dtype == torch.float32 for v in state.values())
@@ -155,17 +158,23 @@ def test_bad_input_is_one_clear_error(tmp_path):
         create_lokr(tiny_sdxl(), {"factors": {**FACTORS, "CLIPMLP": 0}})
     with pytest.raises(HakubooruError, match="full_matrix"):
         create_lokr(tiny_sdxl(), {"full_matrix": False, "factors": FACTORS})
-    net = create_lokr(tiny_sdxl(), CFG)
+    sdxl = tiny_sdxl()
+    net = create_lokr(sdxl, CFG)
     with pytest.raises(HakubooruError, match="save dtype"):
-        save_lokr(net, tmp_path / "x.safetensors", {}, dtype="int8")
+        save_lokr(net, tmp_path / "x.safetensors", {}, unet=sdxl.unet, dtype="int8")
+    with pytest.raises(HakubooruError, match="lokr.naming"):
+        save_lokr(net, tmp_path / "x.safetensors", {}, unet=sdxl.unet, naming="kohya")
     with pytest.raises(HakubooruError, match="not found"):
         load_lokr(tiny_sdxl(), tmp_path / "missing.safetensors")
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(HakubooruError, match="cannot read"):
         load_lokr(tiny_sdxl(), tmp_path / "junk.safetensors")
     # a module this model does not have (a LoKr for another architecture)
-    weights = load_file(save_lokr(net, tmp_path / "ok.safetensors", {}))
-    weights["lora_unet_no_such_module.alpha"] = torch.tensor(1.0)
+    weights = load_file(save_lokr(net, tmp_path / "ok.safetensors", {}, unet=sdxl.unet))
+    weights["lora_unet_input_blocks_99_1_proj_in.alpha"] = torch.tensor(1.0)
+    weights["lora_unet_input_blocks_99_1_proj_in.lokr_w1"] = torch.ones(2, 2)
+    weights["lora_unet_input_blocks_99_1_proj_in.lokr_w2"] = torch.ones(2, 2)
     save_file(weights, str(tmp_path / "other.safetensors"))
-    with pytest.raises(HakubooruError, match="187 LoKr modules in the file, but only 186"):
+    with pytest.raises(HakubooruError, match="1 of its 187 LoKr modules match no module of this model, "
+                                             "e.g. lora_unet_input_blocks_99_1_proj_in"):
         load_lokr(tiny_sdxl(), tmp_path / "other.safetensors")

@@ -3,8 +3,10 @@
     python -m trainers.lokr --shards out/ --pretrained sdxl/ [--config epsilon] [--output run/]
     python -m trainers.lokr --config tiny --shards out/ --output run/ --max-steps 20
     python -m trainers.lokr --resume run/ --shards out/ --pretrained sdxl/
+    python -m trainers.lokr --shards new/ --pretrained sdxl/ --init-lokr epsilon.safetensors --output rev2/
     python -m trainers.lokr --dry-run
     python -m trainers.lokr merge --pretrained sdxl/ --lokr run/lokr.safetensors --out merged.safetensors
+    python -m trainers.lokr convert --lokr run/lokr.safetensors --to diffusers --out lokr-diffusers.safetensors
 
 Errors in the input are one line (``error: ...``, exit status 2).
 """
@@ -18,16 +20,19 @@ from trainers.lokr.config import BUNDLED, load_config
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line of the trainer (``merge`` is dispatched before parsing)."""
+    """The command line of the trainer (``merge`` and ``convert`` are dispatched before parsing)."""
     parser = argparse.ArgumentParser(prog="python -m trainers.lokr", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="`python -m trainers.lokr merge --help` for merging.")
+                                     epilog="`python -m trainers.lokr merge --help` for merging, "
+                                            "`python -m trainers.lokr convert --help` for renaming a LoKr's modules.")
     parser.add_argument("--config", default="epsilon",
                         help=f"bundled config ({', '.join(BUNDLED)}) or a TOML file (default: epsilon)")
     parser.add_argument("--shards", help="shard folder written by `python -m hakubooru build`")
     parser.add_argument("--pretrained", help="SDXL base model: diffusers folder or single-file .safetensors")
     parser.add_argument("--output", help="folder for LoKr files, states and metrics.jsonl "
                                          "(default: the --resume folder, else lokr-out)")
+    parser.add_argument("--init-lokr", metavar="FILE", help="start from the weights of an existing LoKr file "
+                                                            "(ours or sd-scripts + LyCORIS; lokr.init_from)")
     parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (train.max_steps)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a config key, e.g. --set train.batch_size=2 (repeatable)")
@@ -46,6 +51,8 @@ def config_from_args(args) -> dict:
     overrides = list(args.set)
     if args.pretrained is not None:
         overrides.append(("model.pretrained", args.pretrained))
+    if args.init_lokr is not None:
+        overrides.append(("lokr.init_from", args.init_lokr))
     if args.max_steps is not None:
         overrides.append(("train.max_steps", args.max_steps))
     return load_config(args.config, overrides)
@@ -61,6 +68,9 @@ def _main(argv: list) -> int:
     if argv[:1] == ["merge"]:
         from trainers.lokr import merge
         return merge.main(argv[1:]) or 0
+    if argv[:1] == ["convert"]:
+        from trainers.lokr import convert
+        return convert.main(argv[1:]) or 0
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
     if args.dry_run:

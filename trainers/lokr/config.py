@@ -25,7 +25,7 @@ BUNDLED = sorted(p.stem for p in CONFIG_DIR.glob("*.toml"))
 
 # Keys whose change cannot alter the result of a resumed run: accepted on resume without a flag.
 FREE_ON_RESUME = {"data.workers", "train.save_every", "train.keep_states", "train.checkpoint_every",
-                  "train.max_nonfinite_in_row"}
+                  "train.max_nonfinite_in_row", "lokr.naming"}
 # Keys that only decide how long the run goes on: accepted on resume with --allow-config-change.
 SAFE_ON_RESUME = {"train.max_steps", "train.epochs"}
 
@@ -33,6 +33,7 @@ _CHOICES = {
     "train.mixed_precision": ("fp16", "bf16", "no"),
     "optimizer.name": ("Lion8bit",),
     "lokr.save_dtype": ("fp16", "bf16", "fp32"),
+    "lokr.naming": ("sd-scripts", "diffusers"),
 }
 # (dotted key, lowest allowed value, exclusive?)
 _LOWER_BOUNDS = [

@@ -3,6 +3,7 @@ checkpoints (sd-webui, ComfyUI, kohya). Loading goes the other way through diffu
 own `from_single_file`; tests check that it gives back exactly what this writes."""
 from __future__ import annotations
 
+import math
 import re
 
 import torch
@@ -11,6 +12,9 @@ UNET = "model.diffusion_model."
 VAE = "first_stage_model."
 TE1 = "conditioner.embedders.0.transformer."
 TE2 = "conditioner.embedders.1.model."
+# OpenCLIP's contrastive temperature: in every SDXL single file, unused by SDXL, absent from
+# transformers' CLIPTextModelWithProjection. SDXL base 1.0 stores ln(100) (OpenCLIP's clamp).
+LOGIT_SCALE = TE2 + "logit_scale"
 
 _RESNET = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"),
            ("conv2", "out_layers.3"), ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection"))
@@ -107,4 +111,14 @@ def sdxl_to_ldm(sdxl) -> dict[str, torch.Tensor]:
     flat = not hasattr(sdxl.text_encoder_1, "text_model")  # transformers ≥ 5.6 dropped the level
     out.update({TE1 + ("text_model." if flat else "") + k: v for k, v in te1.items()})
     out.update({TE2 + k: v for k, v in openclip_state_dict(sdxl.text_encoder_2.state_dict()).items()})
+    return out
+
+
+def single_file_state(sdxl, extras: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of an SDXL single-file checkpoint of `sdxl`: `sdxl_to_ldm` plus the tensors
+    that no diffusers component holds (`extras`, e.g. taken from the base file; else
+    `logit_scale` = ln 100). The `position_ids` buffer is left out, as transformers does."""
+    out = sdxl_to_ldm(sdxl)
+    out[LOGIT_SCALE] = torch.tensor(math.log(100.0))
+    out.update(extras or {})
     return out

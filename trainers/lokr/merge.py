@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m trainers.lokr merge", description=__doc__.splitlines()[0])
     parser.add_argument("--pretrained", required=True,
                         help='SDXL base: diffusers folder, single-file .safetensors, or "tiny"')
-    parser.add_argument("--lokr", required=True, help="LoKr .safetensors written by the trainer")
+    parser.add_argument("--lokr", required=True, help="LoKr .safetensors (ours or sd-scripts + LyCORIS; "
+                                                      "sd-scripts or diffusers module names)")
     parser.add_argument("--out", required=True,
                         help="FILE.safetensors (one original-layout checkpoint) or a new FOLDER (diffusers)")
     parser.add_argument("--dtype", choices=sorted(SAVE_DTYPES), default="fp16", help="dtype of the written weights")
@@ -56,9 +57,14 @@ def main(argv=None) -> int:
     merge_lokr(sdxl, args.lokr)
     dtype = SAVE_DTYPES[args.dtype]
     if out.suffix == ".safetensors":
+        lokr_meta = {k: v for k, v in _lokr_metadata(args.lokr).items() if k != "ss_tag_frequency"}
         meta = {"merged_lokr": str(Path(args.lokr).name), "base_model": str(args.pretrained),
-                "lokr_metadata": json.dumps(_lokr_metadata(args.lokr), sort_keys=True)}
-        save_sdxl_single_file(sdxl, out, dtype=dtype, metadata=meta)
+                "lokr_metadata": json.dumps(lokr_meta, sort_keys=True),
+                "modelspec.sai_model_spec": "1.0.1", "modelspec.architecture": "stable-diffusion-xl-v1-base",
+                "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+                "modelspec.title": out.stem, "modelspec.prediction_type": "epsilon",
+                "modelspec.merged_from": f"{Path(str(args.pretrained)).name}, {Path(args.lokr).name}"}
+        save_sdxl_single_file(sdxl, out, dtype=dtype, metadata=meta, extras=_base_extras(args.pretrained))
     else:
         save_sdxl(sdxl.to(dtype=dtype), out)
     print(f"merged {args.lokr} into {args.pretrained} -> {out} ({args.dtype})")
@@ -70,3 +76,16 @@ def _lokr_metadata(path) -> dict:
 
     with safe_open(str(path), "pt") as f:
         return f.metadata() or {}
+
+
+def _base_extras(pretrained) -> dict:
+    """Tensors of a single-file base that no diffusers component holds (OpenCLIP's logit_scale):
+    passed through unchanged into the merged file."""
+    from safetensors import safe_open
+
+    from trainers.lokr.ldm import LOGIT_SCALE
+
+    if not str(pretrained).endswith(".safetensors"):
+        return {}
+    with safe_open(str(pretrained), "pt") as f:
+        return {LOGIT_SCALE: f.get_tensor(LOGIT_SCALE)} if LOGIT_SCALE in f.keys() else {}

@@ -257,20 +257,15 @@ def save_sdxl(sdxl: SDXL, folder: str | os.PathLike) -> Path:
 
 
 def save_sdxl_single_file(sdxl: SDXL, path: str | os.PathLike, *, dtype: torch.dtype | None = None,
-                          metadata: dict[str, str] | None = None) -> Path:
+                          metadata: dict[str, str] | None = None, extras: dict | None = None) -> Path:
     """Write `sdxl` as one original-layout `.safetensors` checkpoint (as sd-webui / ComfyUI
-    use), optionally cast to `dtype`; written to a temporary name, then renamed."""
-    from safetensors.torch import save_file
+    use), optionally cast to `dtype`, tensor by tensor (no second copy of the model in memory),
+    with reproducible bytes; written to a temporary name, then renamed. `extras`: tensors no
+    component holds (see `ldm.single_file_state`)."""
+    from trainers.lokr.ldm import single_file_state
+    from trainers.lokr.safetensors_file import write_safetensors
 
-    from trainers.lokr.ldm import sdxl_to_ldm
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: (v.to(dtype) if dtype is not None else v).contiguous() for k, v in sdxl_to_ldm(sdxl).items()}
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.safetensors")
-    save_file(state, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-    return path
+    return write_safetensors(path, single_file_state(sdxl, extras), metadata, dtype=dtype)
 
 
 def base_model_hash(pretrained: str | os.PathLike) -> str:

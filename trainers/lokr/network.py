@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from safetensors import SafetensorError
 from lycoris.kohya import LycorisNetworkKohya, create_network_from_weights
 
 from hakubooru.errors import HakubooruError
+from trainers.lokr import naming as naming_
+from trainers.lokr.safetensors_file import sd_scripts_hashes, write_safetensors
 
 # Module classes the LoKr covers (class names inside diffusers' UNet / transformers' CLIP):
 # every Linear / Conv inside one of them gets its own LoKr, factor from the config by class.
@@ -118,45 +121,124 @@ def lokr_state_dict(network) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", torch.float32).clone() for k, v in network.state_dict().items()}
 
 
-def save_lokr(network, path: str | os.PathLike, metadata: dict, *, dtype: str = "fp16") -> Path:
-    """Write the LoKr as safetensors (kohya keys: `<name>.alpha/.lokr_w1/.lokr_w2`), atomically.
+def save_lokr(network, path: str | os.PathLike, metadata: dict, *, unet: torch.nn.Module,
+              dtype: str = "fp16", naming: str = "sd-scripts") -> Path:
+    """Write the LoKr as safetensors (`<name>.alpha/.lokr_w1/.lokr_w2`), atomically and with
+    reproducible bytes: the same weights and metadata give the same file.
 
-    `metadata` values are stored as strings (non-strings as JSON): put the config, the
-    base-model hash and the step there. `dtype` is fp16, bf16 or fp32.
+    `naming` "sd-scripts" (default) names UNet modules by the original checkpoint's paths, as
+    sd-scripts does; "diffusers" keeps diffusers' module paths (see trainers/lokr/naming.py).
+    `metadata` values are stored as strings (non-strings as JSON); sd-scripts' `sshs_model_hash`
+    and `sshs_legacy_hash` are added. `dtype` is fp16, bf16 or fp32.
     """
     if dtype not in SAVE_DTYPES:
         raise HakubooruError(f"save dtype {dtype!r} is not one of {sorted(SAVE_DTYPES)}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if naming not in naming_.NAMINGS:
+        raise HakubooruError(f"lokr.naming = {naming!r} is not one of {', '.join(naming_.NAMINGS)}")
+    tensors = {k: v.detach().to("cpu", SAVE_DTYPES[dtype]) for k, v in network.state_dict().items()}
+    tensors = naming_.to_naming(tensors, unet, naming)
     meta = {str(k): v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in metadata.items()}
     meta.setdefault("ss_network_module", "lycoris.kohya")
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.safetensors")
-    network.save_weights(str(tmp), SAVE_DTYPES[dtype], meta)
-    os.replace(tmp, path)
-    return path
+    meta["sshs_model_hash"], meta["sshs_legacy_hash"] = sd_scripts_hashes(tensors, meta)
+    return write_safetensors(path, tensors, meta)
 
 
-def load_lokr(sdxl, path: str | os.PathLike, *, multiplier: float = 1.0, apply: bool = True):
-    """Load a saved LoKr file onto `sdxl` with LyCORIS's kohya loader.
+def read_lokr(path: str | os.PathLike, unet: torch.nn.Module) -> tuple[dict, dict, str]:
+    """(tensors in diffusers-path names, metadata, naming found) of a LoKr file in either naming."""
+    from safetensors import safe_open
 
-    With `apply` the LoKr is hooked into the models' forward (as in training); without, the
-    network is returned unhooked, e.g. for `network.merge_to(...)`.
-    """
     path = Path(path)
     if not path.is_file():
         raise HakubooruError(f"LoKr file not found: {path}")
     try:
-        with quiet_lycoris():
-            network, weights = create_network_from_weights(
-                multiplier, str(path), None, kohya_text_encoders(sdxl), sdxl.unet)
-    except (SafetensorError, RuntimeError, ValueError, KeyError) as exc:  # unreadable file, wrong shapes
-        raise HakubooruError(f"cannot read LoKr file {path}: {exc}") from exc
-    n_files = len({k.split(".")[0] for k in weights if "." in k})
-    if n_files != len(network.unet_loras) + len(network.text_encoder_loras):
-        raise HakubooruError(
-            f"{path}: {n_files} LoKr modules in the file, but only "
-            f"{len(network.unet_loras) + len(network.text_encoder_loras)} match this model's modules")
+        with safe_open(str(path), "pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise HakubooruError(f"cannot read LoKr file {path}: {exc}") from None
+    try:
+        tensors, found = naming_.to_diffusers(tensors, unet)
+    except ValueError as exc:
+        raise HakubooruError(f"{path}: {exc}") from None
+    return tensors, metadata, found
+
+
+@contextmanager
+def _empty_preset():
+    """LyCORIS's kohya loader first builds a throwaway network with the class-level preset
+    (whose default wraps diffusers' time embedding twice and fails on "duplicated lora name"),
+    then replaces its modules by the file's: make that throwaway empty, then restore the preset."""
+    keys = ("UNET_TARGET_REPLACE_MODULE", "UNET_TARGET_REPLACE_NAME", "TEXT_ENCODER_TARGET_REPLACE_MODULE",
+            "TEXT_ENCODER_TARGET_REPLACE_NAME")
+    saved = {k: getattr(LycorisNetworkKohya, k) for k in keys}
+    LycorisNetworkKohya.apply_preset({"unet_target_module": [], "unet_target_name": [],
+                                      "text_encoder_target_module": [], "text_encoder_target_name": []})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(LycorisNetworkKohya, k, v)
+
+
+def load_lokr(sdxl, path: str | os.PathLike, *, multiplier: float = 1.0, apply: bool = True,
+              quiet: bool = False):
+    """Load a LoKr file (sd-scripts or diffusers naming) onto `sdxl` with LyCORIS's kohya loader.
+
+    With `apply` the LoKr is hooked into the models' forward (as in training); without, the
+    network is returned unhooked, e.g. for `network.merge_to(...)`. A file with a module this
+    model lacks is refused, naming it. Prints which naming it found unless `quiet`.
+    """
+    tensors, _, found = read_lokr(path, sdxl.unet)
+    try:
+        with quiet_lycoris(), _empty_preset():
+            network, _ = create_network_from_weights(
+                multiplier, None, None, kohya_text_encoders(sdxl), sdxl.unet, weights_sd=tensors)
+    except (RuntimeError, ValueError, KeyError) as exc:  # wrong shapes, unknown module kinds
+        raise HakubooruError(f"cannot load LoKr file {path}: {str(exc).splitlines()[0]}") from None
+    in_file = {naming_.module_name(k) for k in tensors if "." in k}
+    loaded = {lora.lora_name for lora in network.unet_loras + network.text_encoder_loras}
+    if in_file != loaded:
+        missing = sorted(in_file - loaded)
+        raise HakubooruError(f"{path}: {len(missing)} of its {len(in_file)} LoKr modules match no module of this "
+                             f"model, e.g. {missing[0]}; is it a LoKr for SDXL?")
+    if not quiet:
+        print(f"loaded {path}: {len(loaded)} LoKr modules, {found} naming", file=sys.stderr)
     if apply:
         with quiet_lycoris():
             network.apply_to(None, None, apply_text_encoder=True, apply_unet=True)
     return network
+
+
+def init_from_lokr(network, sdxl, path: str | os.PathLike) -> str:
+    """Set the LoKr weights of `network` from a LoKr file (ours, or sd-scripts + LyCORIS's, in
+    either naming), e.g. to continue training a released LoKr. The file must have exactly the
+    network's modules, each full matrix with the shapes the config's factors give; the first
+    mismatch is named. Returns the naming found."""
+    tensors, _, found = read_lokr(path, sdxl.unet)
+    own = network.state_dict()
+    low_rank = sorted(k for k in tensors if k.endswith(("lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b", "lokr_t2")))
+    if low_rank:
+        raise HakubooruError(f"{path} is a low-rank LoKr ({low_rank[0]}); the trainer's LoKr is full matrix "
+                             "(lokr_w1, lokr_w2 per module)")
+    file_modules = {naming_.module_name(k) for k in tensors if "." in k}
+    own_modules = {naming_.module_name(k) for k in own}
+    for what, names in (("lacks", own_modules - file_modules), ("has modules the config does not wrap, e.g.",
+                                                                 file_modules - own_modules)):
+        if names:
+            raise HakubooruError(f"{path} {what} {sorted(names)[0]} ({len(names)} module(s)); it was made for "
+                                 "another set of modules: check [lokr.factors] and the base model")
+    weights = {}
+    for key, value in own.items():
+        if key.endswith(".alpha"):
+            weights[key] = value
+            continue
+        if key not in tensors:
+            raise HakubooruError(f"{path}: module {naming_.module_name(key)} lacks {key.rsplit('.', 1)[1]}")
+        if tuple(tensors[key].shape) != tuple(value.shape):
+            raise HakubooruError(
+                f"{path}: {key} is {tuple(tensors[key].shape)} in the file but {tuple(value.shape)} with this "
+                "config's factors; set [lokr.factors] to the file's (the factor is the first dimension of lokr_w1)")
+        weights[key] = tensors[key].to(value.dtype)
+    network.load_state_dict(weights)
+    print(f"initialised the LoKr from {path}: {len(own_modules)} modules, {found} naming", file=sys.stderr)
+    return found

@@ -21,12 +21,13 @@ from tqdm import tqdm
 
 from hakubooru.errors import HakubooruError
 from hakubooru.rng import hash64
-from trainers.lokr import models
+from trainers.lokr import metadata, models
 from trainers.lokr.bucketing import make_buckets
 from trainers.lokr.config import check_resume_config, config_fingerprint, config_json
 from trainers.lokr.data import BatchDataset, BatchPlan, load_index, make_loader
 from trainers.lokr.distributed import Dist, all_reduce_grads, all_reduce_sum, barrier, init_distributed, shutdown
-from trainers.lokr.network import create_lokr, lokr_param_groups, lokr_state_dict, save_lokr
+from trainers.lokr.naming import to_diffusers
+from trainers.lokr.network import create_lokr, init_from_lokr, lokr_param_groups, lokr_state_dict, save_lokr
 from trainers.lokr.state import load_latest_state, save_state, state_dir
 from trainers.lokr.text import encode_prompts
 
@@ -114,6 +115,7 @@ class Progress:
     cursor: int = 0            # next global batch of this epoch's plan
     skipped: int = 0           # optimizer steps skipped for a non-finite loss
     nonfinite_in_row: int = 0
+    started_at: float = 0.0    # when the run first started (LoKr metadata); kept on resume
 
 
 @dataclass
@@ -132,6 +134,7 @@ class Run:
     scaler: object
     base_lrs: list
     base_model_hash: str
+    tags: dict                 # tag -> samples carrying it (LoKr metadata), on the main rank
     progress: Progress
     total_steps: int
     steps_per_epoch: int
@@ -184,6 +187,8 @@ def setup(cfg: dict, shards, output, *, resume=None, allow_config_change: bool =
     with torch.random.fork_rng(devices=[]):  # LyCORIS initialises w1 from the global RNG
         torch.manual_seed(hash64(tc["seed"], 0x10C4) >> 1)
         network = create_lokr(sdxl, cfg["lokr"], text_encoders=tc["train_text_encoders"])
+    if cfg["lokr"]["init_from"] and resume is None:
+        init_from_lokr(network, sdxl, cfg["lokr"]["init_from"])
     network.to(device=d.device, dtype=torch.float32)
     groups = lokr_param_groups(network, oc["lr_unet"], oc["lr_text"], oc["weight_decay"])
     optimizer = bnb.optim.Lion8bit(groups, lr=oc["lr_unet"], betas=tuple(oc["betas"]),
@@ -191,9 +196,9 @@ def setup(cfg: dict, shards, output, *, resume=None, allow_config_change: bool =
     scaler = torch.amp.GradScaler(d.device.type, enabled=tc["mixed_precision"] == "fp16")
     base_lrs = [g["lr"] for g in optimizer.param_groups]  # before a resume loads warmed-up ones
 
-    progress = Progress()
+    progress = Progress(started_at=metadata.training_start_time())
     if resume is not None:
-        progress = _restore(cfg, d, index, resume, allow_config_change, network, optimizer, scaler)
+        progress = _restore(cfg, d, index, resume, allow_config_change, sdxl, network, optimizer, scaler)
     global_batch = tc["batch_size"] * d.world_size
     plan = BatchPlan(index, global_batch, tc["seed"], progress.epoch, buckets)
     steps_per_epoch = len(plan) // tc["grad_accum"]  # the same every epoch: bucket sizes do not change
@@ -202,11 +207,12 @@ def setup(cfg: dict, shards, output, *, resume=None, allow_config_change: bool =
                              f"per epoch, fewer than one optimizer step ({tc['grad_accum']} batches)")
     total = tc["max_steps"] or tc["epochs"] * steps_per_epoch
     base_hash = models.base_model_hash(cfg["model"]["pretrained"]) if d.is_main else ""  # for LoKr metadata
+    tags = metadata.tag_frequency(shards, index) if d.is_main else {}
     return Run(cfg, d, Path(shards), Path(output), index, buckets, sdxl, network, optimizer, scaler,
-               base_lrs, base_hash, progress, total, steps_per_epoch, plan)
+               base_lrs, base_hash, tags, progress, total, steps_per_epoch, plan)
 
 
-def _restore(cfg, d, index, resume, allow_config_change, network, optimizer, scaler) -> Progress:
+def _restore(cfg, d, index, resume, allow_config_change, sdxl, network, optimizer, scaler) -> Progress:
     path, state = load_latest_state(state_dir(resume))
     if state["dataset_fingerprint"] != index.fingerprint:
         raise HakubooruError(f"{path} was written for another dataset (fingerprint {state['dataset_fingerprint'][:12]}…, "
@@ -215,14 +221,16 @@ def _restore(cfg, d, index, resume, allow_config_change, network, optimizer, sca
         raise HakubooruError(f"{path} was written by {state['world_size']} process(es); resume with the same "
                              f"number (this run has {d.world_size})")
     changed = check_resume_config(json.loads(state["config"]), cfg, allow_config_change)
-    network.load_state_dict({k: v.to(d.device) for k, v in state["lokr"].items()})
+    lokr, _ = to_diffusers(state["lokr"], sdxl.unet)  # states keep diffusers-path names; accept either
+    network.load_state_dict({k: v.to(d.device) for k, v in lokr.items()})
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
     if d.is_main:
         note = f" (config keys changed: {', '.join(changed)})" if changed else ""
         print(f"resuming from {path}: step {state['step']}, epoch {state['epoch']}, batch {state['cursor']}{note}",
               file=sys.stderr)
-    return Progress(state["step"], state["epoch"], state["cursor"], state["skipped"], state["nonfinite_in_row"])
+    return Progress(state["step"], state["epoch"], state["cursor"], state["skipped"], state["nonfinite_in_row"],
+                    state.get("started_at", metadata.training_start_time()))
 
 
 def state_payload(run: Run) -> dict:
@@ -234,15 +242,26 @@ def state_payload(run: Run) -> dict:
         "lokr": lokr_state_dict(run.network), "optimizer": run.optimizer.state_dict(),
         "scaler": run.scaler.state_dict(), "config": config_json(run.cfg),
         "config_fingerprint": config_fingerprint(run.cfg), "dataset_fingerprint": run.index.fingerprint,
-        "world_size": run.dist.world_size,
+        "world_size": run.dist.world_size, "started_at": p.started_at,
     }
 
 
 def lokr_metadata(run: Run) -> dict:
-    """Metadata strings stored in each LoKr file."""
-    return {"step": str(run.progress.step), "config": config_json(run.cfg),
-            "base_model": run.cfg["model"]["pretrained"], "base_model_sha256": run.base_model_hash,
-            "dataset_fingerprint": run.index.fingerprint}
+    """Metadata strings stored in each LoKr file (trainers/lokr/metadata.py)."""
+    p = run.progress
+    return metadata.lokr_metadata(
+        run.cfg, step=p.step, epoch=p.epoch, total_steps=run.total_steps, batches_per_epoch=len(run.current_plan),
+        world_size=run.dist.world_size, num_train_images=len(run.index), dataset_dir=run.shards.resolve().name,
+        tags=run.tags, started_at=p.started_at, base_model_sha256=run.base_model_hash,
+        dataset_fingerprint=run.index.fingerprint, output_name=run.output.resolve().name,
+        config_json=config_json(run.cfg))
+
+
+def write_lokr(run: Run, path: Path) -> Path:
+    """Save the run's LoKr to `path` with its metadata, in the configured naming and dtype."""
+    lc = run.cfg["lokr"]
+    return save_lokr(run.network, path, lokr_metadata(run), unet=run.sdxl.unet, dtype=lc["save_dtype"],
+                     naming=lc["naming"])
 
 
 # ---------------------------------------------------------------- the loop
@@ -370,8 +389,7 @@ def _loop(run: Run) -> dict:
                     stop["signal"] = stop["signal"] or "a signal on another rank"
                     break
                 if p.step % tc["checkpoint_every"] == 0 and d.is_main and p.step < run.total_steps:
-                    save_lokr(network, run.output / f"lokr-{p.step:08d}.safetensors", lokr_metadata(run),
-                              dtype=cfg["lokr"]["save_dtype"])
+                    write_lokr(run, run.output / f"lokr-{p.step:08d}.safetensors")
                 if p.step % tc["save_every"] == 0 or p.step == run.total_steps:
                     _write_state(run, kill_after)
         if stop["signal"] is not None:
@@ -383,8 +401,7 @@ def _loop(run: Run) -> dict:
 
     final = None
     if d.is_main and stop["signal"] is None:
-        final = save_lokr(network, run.output / "lokr.safetensors", lokr_metadata(run),
-                          dtype=cfg["lokr"]["save_dtype"])
+        final = write_lokr(run, run.output / "lokr.safetensors")
     done = p.step - start_step
     summary = {"step": p.step, "epoch": p.epoch, "steps_this_run": done, "images_this_run": done * images_per_step,
                "skipped": p.skipped, "loss": loss_value, "interrupted_by": stop["signal"],
