@@ -26,12 +26,10 @@ from trainers.lokr.config import load_config
 from trainers.lokr.convert import main as convert_main
 from trainers.lokr.models import load_sdxl, save_sdxl, sdxl_on_meta, tiny_sdxl
 from trainers.lokr.network import create_lokr, init_from_lokr, load_lokr, lokr_state_dict, save_lokr
-from trainers.lokr.text import encode_prompts
+from tests.tiny_lokr import FACTORS, outputs, trained_lokr
 
 REPO = Path(__file__).resolve().parents[1]
 KEYS_FILE = REPO.parent / "shared" / "data" / "sdxl_base_1.0_keys.txt"
-FACTORS = {"Attention": 4, "FeedForward": 4, "ResnetBlock2D": 8, "CLIPAttention": 2, "CLIPMLP": 4}
-CAPTIONS = ["1girl, solo, long hair, smile", "no humans, scenery, sky"]
 TOL = dict(rtol=0, atol=1e-5)  # hooked-in vs merged: the same sums in another float32 order
 
 
@@ -124,32 +122,13 @@ def test_single_file_layout_is_the_published_one():
 # ---------------------------------------------------------------- loaders, on the tiny model
 
 
-def outputs(sdxl):
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        context, pooled = encode_prompts(sdxl, CAPTIONS)
-        return sdxl.unet(torch.randn(2, 4, 8, 8, generator=g), torch.tensor([50, 900]),
-                         encoder_hidden_states=context,
-                         added_cond_kwargs={"text_embeds": pooled,
-                                            "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)}).sample
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A LoKr with non-zero weights in both namings, its training outputs and the base's."""
+    """A LoKr with non-zero weights saved in both namings, and its training outputs."""
     folder = tmp_path_factory.mktemp("lokr_files")
-    sdxl = tiny_sdxl(seed=0)
-    base = outputs(sdxl)
-    network = create_lokr(sdxl, {"full_matrix": True, "factors": FACTORS})
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in network.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    expected = outputs(sdxl)
-    assert (expected - base).abs().max() > 0.1  # the LoKr matters
+    sdxl, network, (expected, _, _) = trained_lokr()
     files = {n: save_lokr(network, folder / f"{n}.safetensors", {"step": 5}, unet=sdxl.unet, dtype="fp32", naming=n)
              for n in naming.NAMINGS}
-    torch.save(expected, folder / "expected.pt")
     return files, expected, lokr_state_dict(network)
 
 
@@ -160,7 +139,7 @@ import lycoris
 from lycoris.kohya import LycorisNetworkKohya, create_network_from_weights
 from trainers.lokr.models import tiny_sdxl
 from trainers.lokr.network import TextModelView, lokr_preset
-from tests.test_lokr_file import outputs
+from tests.tiny_lokr import outputs
 
 kind, path, factors = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 sdxl = tiny_sdxl(seed=0)
@@ -178,7 +157,7 @@ if kind == "kohya":
                                            merged.text_encoder_2], merged.unet)
     again.merge_to([TextModelView(merged.text_encoder_1), merged.text_encoder_2], merged.unet, weights,
                    torch.float32, "cpu")
-    merged = outputs(merged)
+    merged = outputs(merged)[0]
 else:
     # As a diffusers user: one module holding unet / te1 / te2, and LyCORIS's "lycoris_" prefix.
     holder = torch.nn.Module()
@@ -189,7 +168,7 @@ else:
     network.apply_to()
     merged = None
 in_file = len({k.split(".")[0] for k in weights})
-hooked = outputs(sdxl)
+hooked = outputs(sdxl)[0]
 torch.save({"loaded": loaded, "in_file": in_file, "hooked": hooked, "merged": merged}, sys.argv[4])
 '''
 
@@ -241,7 +220,7 @@ def test_our_loader_reads_both_namings_and_says_which(trained, capsys):
         sdxl = tiny_sdxl(seed=0)
         load_lokr(sdxl, path)
         assert f"186 LoKr modules, {n} naming" in capsys.readouterr().err
-        torch.testing.assert_close(outputs(sdxl), expected, rtol=0, atol=0)
+        torch.testing.assert_close(outputs(sdxl)[0], expected, rtol=0, atol=0)
 
 
 def test_convert_round_trip_gives_the_same_bytes(trained, tmp_path):
@@ -273,7 +252,7 @@ def test_merge_cli_in_a_fresh_process(trained, tmp_path, style):
     assert f"{style} naming" in r.stderr and "merged" in r.stdout
     config = tmp_path / "tiny-config"
     save_sdxl(tiny_sdxl(seed=0), config)
-    torch.testing.assert_close(outputs(load_sdxl(out, config=config)), expected, **TOL)
+    torch.testing.assert_close(outputs(load_sdxl(out, config=config))[0], expected, **TOL)
     with safe_open(str(out), "pt") as f:
         assert f.metadata()["modelspec.architecture"] == "stable-diffusion-xl-v1-base"
 

@@ -6,42 +6,19 @@ import torch
 from hakubooru.errors import HakubooruError
 from trainers.lokr.merge import main, merge_lokr
 from trainers.lokr.models import load_sdxl, save_sdxl, tiny_sdxl
-from trainers.lokr.network import create_lokr, save_lokr
-from trainers.lokr.text import encode_prompts
+from trainers.lokr.network import save_lokr
+from tests.tiny_lokr import outputs, trained_lokr
 from tests.torch_threads import one_torch_thread  # noqa: F401  (autouse)
 
-FACTORS = {"Attention": 4, "FeedForward": 4, "ResnetBlock2D": 8, "CLIPAttention": 2, "CLIPMLP": 4}
-CAPTIONS = ["1girl, solo, long hair, smile", "no humans, scenery, sky"]
 # Merged and hooked-in forwards add the same delta to the same weights, but in a different
 # order of float32 operations: allow 1e-5 where outputs are of order 1.
 TOL = dict(rtol=0, atol=1e-5)
 
 
-def outputs(sdxl):
-    """UNet prediction from the model's own text conditioning: exercises all three LoKrs."""
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        context, pooled = encode_prompts(sdxl, CAPTIONS)
-        pred = sdxl.unet(torch.randn(2, 4, 8, 8, generator=g), torch.tensor([50, 900]),
-                         encoder_hidden_states=context,
-                         added_cond_kwargs={"text_embeds": pooled,
-                                            "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)}).sample
-    return pred, context, pooled
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A LoKr with non-zero weights (as after training), its file, and its outputs."""
-    sdxl = tiny_sdxl(seed=0)
-    base = outputs(sdxl)[0]
-    network = create_lokr(sdxl, {"full_matrix": True, "factors": FACTORS})
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in network.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    expected = outputs(sdxl)
-    # the LoKr must matter, or every comparison below would pass trivially
-    assert (expected[0] - base).abs().max() > 0.1
+    sdxl, network, expected = trained_lokr()
     path = save_lokr(network, tmp_path_factory.mktemp("lokr") / "lokr.safetensors", {"step": 5}, unet=sdxl.unet,
                      dtype="fp32")
     return path, expected

@@ -19,7 +19,6 @@ from trainers.lokr.ldm import TE1, TE2, UNET, unet_key
 
 NAMINGS = ("sd-scripts", "diffusers")
 UNET_PREFIX = "lora_unet_"
-TE_PREFIXES = ("lora_te1_", "lora_te2_")
 _LDM_UNET = re.compile(r"lora_unet_(input_blocks|middle_block|output_blocks|time_embed|label_emb|out)_")
 _DIFFUSERS_UNET = re.compile(r"lora_unet_(down_blocks|mid_block|up_blocks|time_embedding|add_embedding|conv_)")
 
