@@ -1,0 +1,192 @@
+"""Export a shard folder as the folders kohya-ss/sd-scripts reads without code.
+
+sd-scripts' DreamBooth-style datasets (``--train_data_dir DIR``) take every sub-folder named
+``<repeats>_<name>`` (``library/config_util.py``: the part before the first ``_`` is the repeat
+count, the rest the class tokens, used as the caption of an image without a caption file),
+with images ``<stem>.{png,jpg,jpeg,webp,bmp}`` and captions ``<stem>.txt``
+(``--caption_extension .txt``; the first line is read; an empty caption file is an error there,
+so an empty caption gets no file). The optional metadata JSON is the file sd-scripts'
+``finetune/merge_captions_to_metadata.py --full_path`` writes, ``{image path: {"caption": …}}``
+(plus ``image_size`` [w, h], which sd-scripts' fine-tuning dataset reads), for ``--in_json``.
+
+Streaming: each image and caption is read from its shard at the offsets in ``index.parquet``
+(shard by shard, in offset order), never by extracting a tar. Resumable: every file is written
+under a temporary name and renamed, and a rerun keeps the files already right (image of the
+indexed size, caption of the same bytes), so a rerun after a kill ends with the same files.
+Members inside a tar cannot be hard-linked (a hard link names a whole file), so images are
+copied; ``link="hard"`` is refused with that reason.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .captioner import caption_text
+from .errors import HakubooruError
+from .manifest import MANIFEST_FILE, read_json, write_atomic
+from .shardfolder import read_index, shard_folder
+
+KOHYA_IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp")  # sd-scripts' IMAGE_EXTENSIONS
+LINK_MODES = ("copy", "hard")
+STYLE_KEYS = ("groups", "separator", "group_separator", "escape_parentheses")
+_TMP_SUFFIX = ".export-tmp"
+
+
+@dataclass
+class ExportResult:
+    """What export_kohya did."""
+
+    folder: Path
+    images: int = 0
+    copied: int = 0      # image files written by this run
+    kept: int = 0        # image files already right (a resumed export)
+    captions: int = 0    # caption files present after the run
+    no_caption: int = 0  # samples with an empty caption (no .txt: sd-scripts refuses empty files)
+    metadata: Path | None = None
+
+    def summary(self) -> str:
+        """One line of counts."""
+        meta = f"; metadata {self.metadata}" if self.metadata else ""
+        return (f"{self.folder}: {self.images} images ({self.copied} copied, {self.kept} already "
+                f"there), {self.captions} captions, {self.no_caption} without caption{meta}")
+
+
+def export_kohya(shards, dest, *, repeats: int = 1, name: str = "hakubooru", link: str = "copy",
+                 metadata_json=None, keep_separator: str | None = None,
+                 progress: bool = True) -> ExportResult:
+    """Write the samples of the shard folder ``shards`` as ``dest/<repeats>_<name>/<stem>.<ext>``
+    + ``<stem>.txt`` (stem: the sample's key, else its id), and with ``metadata_json`` the
+    fine-tuning metadata JSON. ``keep_separator`` (e.g. ``"|||"``) rebuilds each caption from
+    its ``.json`` record in the build's style with that separator after the keep group, for
+    sd-scripts' ``--keep_tokens_separator``; otherwise the shards' ``.txt`` are written as they
+    are. Prints the summary line; returns the counts."""
+    root = shard_folder(shards)
+    if int(repeats) < 1:
+        raise HakubooruError(f"--repeats must be at least 1, got {repeats}")
+    if not name or "/" in name or name != name.strip():
+        raise HakubooruError(f"--name must be a non-empty folder name, got {name!r}")
+    if link not in LINK_MODES:
+        raise HakubooruError(f"--link must be one of {', '.join(LINK_MODES)}, not {link!r}")
+    if link == "hard":
+        raise HakubooruError(f"{root}: the images are members inside tar shards, which cannot be "
+                             "hard-linked (a hard link names a whole file); use --link copy")
+    table = read_index(root)
+    rows = table.to_pydict()
+    if not rows["id"]:
+        raise HakubooruError(f"{root}/index.parquet has no samples")
+    odd = sorted({e for e in rows["ext"] if e.lower() not in KOHYA_IMAGE_EXTS})
+    if odd:
+        raise HakubooruError(f"sd-scripts does not read .{odd[0]} images; rebuild the shards with "
+                             "--format webp|jpeg|png")
+    style = _style(root)
+    if keep_separator is not None:
+        if not keep_separator.strip():
+            raise HakubooruError(f"--keep-separator must be visible text, got {keep_separator!r}")
+        if min(rows["json_size"]) < 0:
+            raise HakubooruError(f"{root}: --keep-separator rebuilds captions from the .json "
+                                 "records, and some samples have none")
+        if style["groups"][0] != "keep":
+            raise HakubooruError(f"{root} was captioned without the keep group first "
+                                 f"(groups {style['groups']}); --keep-separator needs it")
+    stems = _stems(rows)
+
+    folder = Path(dest) / f"{int(repeats)}_{name}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob(f".*{_TMP_SUFFIX}"):  # left by a killed run
+        stale.unlink()
+    result = ExportResult(folder, images=len(stems))
+    metadata = {}
+    order = sorted(range(len(stems)), key=lambda i: (rows["shard"][i], rows["image_offset"][i]))
+    bar = tqdm(total=len(order), desc="exporting", unit="img", disable=not progress)
+    current, tar = None, None
+    try:
+        for i in order:
+            if rows["shard"][i] != current:
+                if tar is not None:
+                    tar.close()
+                current = rows["shard"][i]
+                tar = open(root / current, "rb")
+            image = folder / f"{stems[i]}.{rows['ext'][i]}"
+            if image.is_file() and image.stat().st_size == rows["image_size"][i]:
+                result.kept += 1
+            else:
+                _write(image, _read(tar, rows["image_offset"][i], rows["image_size"][i]))
+                result.copied += 1
+            caption = _caption(tar, rows, i, style, keep_separator, root)
+            text = folder / f"{stems[i]}.txt"
+            if caption:
+                data = caption.encode()
+                if not (text.is_file() and text.read_bytes() == data):
+                    _write(text, data)
+                result.captions += 1
+            else:
+                text.unlink(missing_ok=True)
+                result.no_caption += 1
+            metadata[i] = (os.path.abspath(image),
+                           {"caption": caption, "image_size": [rows["width"][i], rows["height"][i]]})
+            bar.update(1)
+    finally:
+        bar.close()
+        if tar is not None:
+            tar.close()
+    if metadata_json is not None:
+        result.metadata = Path(metadata_json)
+        result.metadata.parent.mkdir(parents=True, exist_ok=True)
+        entries = dict(metadata[i] for i in range(len(stems)))  # index order: by id
+        write_atomic(result.metadata, (json.dumps(entries, indent=2, ensure_ascii=False) + "\n").encode())
+    print(result.summary(), file=sys.stderr)
+    return result
+
+
+def _style(root: Path) -> dict:
+    """The caption style the folder was built with (the manifest's captioner settings)."""
+    settings = (read_json(root / MANIFEST_FILE) or {}).get("captioner") or {}
+    style = {k: settings[k] for k in STYLE_KEYS if k in settings}
+    style.setdefault("groups", ["keep", "general", "quality", "year", "meta", "rating_tags"])
+    return style
+
+
+def _stems(rows: dict) -> list[str]:
+    """File stems: the webdataset key where the index has one, else the id; must be unique."""
+    keys = rows.get("key") or [str(i) for i in rows["id"]]
+    stems = [k.replace("/", "_") for k in keys]
+    if len(set(stems)) != len(stems):
+        raise HakubooruError("two samples would get the same file name (keys differing only in "
+                             "'/' vs '_'); rename them in the shards")
+    return stems
+
+
+def _read(f, offset: int, size: int) -> bytes:
+    f.seek(offset)
+    data = f.read(size)
+    if len(data) != size:
+        raise HakubooruError(f"{f.name} ends before the member at offset {offset} that "
+                             "index.parquet names; the shard is cut short")
+    return data
+
+
+def _caption(tar, rows: dict, i: int, style: dict, keep_separator, root: Path) -> str:
+    """Sample ``i``'s caption: its .txt, or rebuilt from its .json record when asked (or when
+    there is no .txt)."""
+    if keep_separator is None and rows["txt_size"][i] >= 0:
+        return _read(tar, rows["txt_offset"][i], rows["txt_size"][i]).decode("utf-8").strip()
+    if rows["json_size"][i] < 0:
+        return ""
+    raw = _read(tar, rows["json_offset"][i], rows["json_size"][i])
+    try:
+        return caption_text(json.loads(raw), **style, keep_separator=keep_separator)
+    except (ValueError, KeyError, TypeError):
+        raise HakubooruError(f"{root / rows['shard'][i]}: the .json of sample {rows['id'][i]} is "
+                             "not a caption record (groups keep, general, …)") from None
+
+
+def _write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}{_TMP_SUFFIX}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
