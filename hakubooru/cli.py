@@ -16,6 +16,7 @@ COMMANDS = {
     "caption": "caption a selection into a Parquet table",
     "build": "build webdataset shards from a selection and image archives",
     "export": "write a shard folder as kohya-ss/sd-scripts training folders",
+    "index": "index a webdataset folder from another tool so the trainer can read it",
 }
 
 

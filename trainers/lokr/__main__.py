@@ -24,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog="`python -m trainers.lokr merge --help` for merging.")
     parser.add_argument("--config", default="epsilon",
                         help=f"bundled config ({', '.join(BUNDLED)}) or a TOML file (default: epsilon)")
-    parser.add_argument("--shards", help="shard folder written by `python -m hakubooru build`")
+    parser.add_argument("--shards", help="shard folder written by `python -m hakubooru build` "
+                        "(or any webdataset folder indexed by `python -m hakubooru index`)")
     parser.add_argument("--pretrained", help="SDXL base model: diffusers folder or single-file .safetensors")
     parser.add_argument("--output", help="folder for LoKr files, states and metrics.jsonl "
                                          "(default: the --resume folder, else lokr-out)")

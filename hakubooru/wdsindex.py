@@ -1,0 +1,155 @@
+"""Index a webdataset folder written by any tool (img2dataset, webdataset.TarWriter, ...) so
+the trainer reads it: ``index.parquet`` + ``manifest.json`` beside the tars, which are only read.
+
+Samples are grouped as webdataset groups them: a member ``dir/name.ext.more`` has the key
+``dir/name`` and the extension ``ext.more`` (lowercased). A sample needs one image member
+(jpg, jpeg, png, webp, avif, bmp; the first in extension order if several); its ``txt`` and
+``json`` members are indexed when present (offset and size -1 when absent). Samples without
+an image, or whose image header cannot be read, are skipped, counted and listed in
+``skipped.parquet``.
+
+Ids: ``int(key)`` when every key is a number of at most 18 digits and no two are equal
+(img2dataset's ``000000123``), else the sample's position in shard and member order; the key
+itself is the ``key`` column. Only the top-level ``*.tar`` files are indexed (sorted by name);
+compressed shards cannot be read by offset.
+"""
+from __future__ import annotations
+
+import io
+import re
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import xxhash
+from PIL import Image
+from tqdm import tqdm
+
+from .errors import HakubooruError
+from .images import IMAGE_EXTS
+from .manifest import (FORMAT, INDEX_SCHEMA, MANIFEST_FILE, SKIPPED_FILE, dump_json, read_json,
+                       write_atomic, write_parquet)
+from .shardfolder import INDEX_FILE, shard_folder
+from .shardwriter import CHECKSUM, file_checksum
+
+WDS_FORMAT = "hakubooru-webdataset-index/1"
+WDS_INDEX_SCHEMA = INDEX_SCHEMA.append(pa.field("key", pa.string()))
+WDS_SKIPPED_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.string()),
+                                ("reason", pa.string())])
+_KEY = re.compile(r"^((?:.*/|)[^./]+)[.]([^/]*)$")  # webdataset's base_plus_ext
+_NUMBER = re.compile(r"^\d{1,18}$")
+_HEAD = 1 << 16  # bytes tried first for an image's size
+
+
+def index_webdataset(folder, progress: bool = True) -> dict:
+    """Write ``index.parquet``, ``skipped.parquet`` and ``manifest.json`` for the webdataset
+    shards ``folder/*.tar``; returns the manifest. Prints one line of counts."""
+    started = time.perf_counter()
+    root = shard_folder(folder, need_index=False)
+    existing = read_json(root / MANIFEST_FILE)
+    if existing is not None and existing.get("format") == FORMAT:
+        raise HakubooruError(f"{root} was written by `python -m hakubooru build` and is indexed "
+                             "already")
+    for name in (MANIFEST_FILE, INDEX_FILE):
+        if (root / name).exists() and (existing or {}).get("format") != WDS_FORMAT:
+            raise HakubooruError(f"{root / name} exists and was not written by `python -m "
+                                 "hakubooru index`; move it away to index this folder")
+    tars = sorted(p for p in root.iterdir() if p.is_file() and p.name.endswith(".tar"))
+    if not tars:
+        compressed = sorted(p.name for p in root.glob("*.tar.*"))
+        hint = (f" ({compressed[0]} is compressed: samples cannot be read by offset; "
+                "decompress the shards)") if compressed else ""
+        raise HakubooruError(f"{root} holds no .tar shards{hint}")
+
+    samples, skipped, shards = [], [], []
+    for tar_path in tqdm(tars, desc="indexing shards", unit="shard", disable=not progress):
+        found, lost = _scan(tar_path)
+        samples.extend(found)
+        skipped.extend(lost)
+        shards.append({"name": tar_path.name, "samples": len(found),
+                       "size": tar_path.stat().st_size, CHECKSUM: file_checksum(tar_path)})
+    keys = [s["key"] for s in samples]
+    numeric = all(_NUMBER.match(k) for k in keys) and len({int(k) for k in keys}) == len(keys)
+    for position, sample in enumerate(samples):
+        sample["id"] = int(sample["key"]) if numeric else position
+    samples.sort(key=lambda s: s["id"])
+    columns = {name: [s[name] for s in samples] for name in WDS_INDEX_SCHEMA.names}
+    write_parquet(root / INDEX_FILE, pa.table(columns, schema=WDS_INDEX_SCHEMA))
+    write_parquet(root / SKIPPED_FILE, pa.table(
+        {name: [s[i] for s in skipped] for i, name in enumerate(WDS_SKIPPED_SCHEMA.names)},
+        schema=WDS_SKIPPED_SCHEMA))
+    reasons: dict[str, int] = {}
+    for _, _, reason in skipped:
+        reasons[reason] = reasons.get(reason, 0) + 1
+    manifest = {
+        "format": WDS_FORMAT,
+        "ids": "keys" if numeric else "positions",
+        "counts": {"written": len(samples), "skipped": len(skipped), "skipped_by_reason": reasons,
+                   "with_txt": sum(s["txt_size"] >= 0 for s in samples),
+                   "with_json": sum(s["json_size"] >= 0 for s in samples)},
+        "shards": shards,
+        "files": {"index": INDEX_FILE, "skipped": SKIPPED_FILE},
+    }
+    manifest["fingerprint"] = "xxh3_128:" + xxhash.xxh3_128(dump_json(manifest)).hexdigest()
+    write_atomic(root / MANIFEST_FILE, dump_json(manifest))
+    c = manifest["counts"]
+    print(f"{root}: indexed {len(tars)} shards; {c['written']} samples ({c['with_txt']} with "
+          f".txt, {c['with_json']} with .json), {c['skipped']} skipped"
+          + (f" ({', '.join(f'{r} {n}' for r, n in sorted(reasons.items()))})" if reasons else "")
+          + f"; ids from {manifest['ids']}; in {time.perf_counter() - started:.1f} s",
+          file=sys.stderr)
+    return manifest
+
+
+def _scan(path: Path) -> tuple[list[dict], list[tuple]]:
+    """The samples of one tar (in member order) and the skipped ones (key, shard, reason)."""
+    groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+    try:
+        tar = tarfile.open(path, "r:")
+    except (tarfile.TarError, OSError) as e:
+        raise HakubooruError(f"{path}: cannot read as an uncompressed tar ({e})") from None
+    with tar:
+        try:
+            for member in tar:
+                match = _KEY.match(member.name)
+                if member.isfile() and match:
+                    groups.setdefault(match.group(1), {}).setdefault(match.group(2).lower(), member)
+        except (tarfile.TarError, OSError):
+            raise HakubooruError(f"{path}: the tar is damaged or cut short; repair or remove "
+                                 "it") from None
+    samples, skipped = [], []
+    with open(path, "rb") as f:
+        for key, members in groups.items():
+            image_exts = sorted(e for e in members if e in IMAGE_EXTS)
+            if not image_exts:
+                skipped.append((key, path.name, "no_image"))
+                continue
+            image = members[image_exts[0]]
+            size = _image_size(f, image)
+            if size is None:
+                skipped.append((key, path.name, "corrupt"))
+                continue
+            row = {"key": key, "shard": path.name, "image_offset": image.offset_data,
+                   "image_size": image.size, "width": size[0], "height": size[1],
+                   "ext": image_exts[0]}
+            for name in ("txt", "json"):
+                m = members.get(name)
+                row[f"{name}_offset"] = m.offset_data if m else -1
+                row[f"{name}_size"] = m.size if m else -1
+            samples.append(row)
+    return samples, skipped
+
+
+def _image_size(f, member: tarfile.TarInfo) -> tuple[int, int] | None:
+    """(width, height) from the image's header: its first 64 KiB, else all of it."""
+    for length in (min(_HEAD, member.size), member.size):
+        f.seek(member.offset_data)
+        try:
+            with Image.open(io.BytesIO(f.read(length))) as im:
+                return im.size
+        except (OSError, SyntaxError, ValueError):
+            if length == member.size:
+                return None
+    return None
