@@ -34,7 +34,7 @@ def add_build_arguments(parser) -> None:
     parser.add_argument("--validate", choices=VALIDATION_LEVELS, default="standard",
                         help="image checks: standard (headers, containers, truncation) or "
                              "full (decode every image) (default: %(default)s)")
-    parser.add_argument("--cache-dir", help="tar index cache (default ~/.cache/hakubooru/tarindex)")
+    parser.add_argument("--cache-dir", help="tar index cache (default: ~/.cache/hakubooru/tarindex)")
     parser.add_argument("--quiet", action="store_true",
                         help="no progress bars (the end-of-run line is still printed)")
 
@@ -49,9 +49,10 @@ def build_options(args) -> dict:
 
 def run(args) -> int:
     from ..builder import build_shards, merge
+    from ..shardfolder import shard_folder
 
     if args.merge:
-        merge(args.merge)
+        merge(shard_folder(args.merge, need_index=False))
         return 0
     missing = [f"--{n}" for n in ("db", "images", "selection", "out") if not getattr(args, n)]
     if missing:
