@@ -28,7 +28,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .errors import HakubooruError
-from .images import IMAGE_EXTS
+from .images import IMAGE_EXTS, BadImage, _webp_frame_size
 from .manifest import (FORMAT, INDEX_SCHEMA, MANIFEST_FILE, SKIPPED_FILE, dump_json, read_json,
                        write_atomic, write_parquet)
 from .shardfolder import INDEX_FILE, shard_folder
@@ -143,7 +143,15 @@ def _scan(path: Path) -> tuple[list[dict], list[tuple]]:
 
 
 def _image_size(f, member: tarfile.TarInfo) -> tuple[int, int] | None:
-    """(width, height) from the image's header: its first 64 KiB, else all of it."""
+    """(width, height) from the image's header: a WebP's first chunk header (Pillow would
+    build a libwebp decoder on the whole file), else Pillow on the first 64 KiB, else on all."""
+    f.seek(member.offset_data)
+    head = f.read(min(30, member.size))
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP" and len(head) == 30:
+        try:
+            return _webp_frame_size(head[12:16], head[20:30])
+        except BadImage:
+            return None
     for length in (min(_HEAD, member.size), member.size):
         f.seek(member.offset_data)
         try:
