@@ -24,17 +24,21 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import pyarrow.compute as pc
 from tqdm import tqdm
 
 from .captioner import caption_text
 from .errors import HakubooruError
-from .manifest import MANIFEST_FILE, read_json, write_atomic
+from .manifest import MANIFEST_FILE, read_json
 from .shardfolder import read_index, shard_folder
 
 KOHYA_IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp")  # sd-scripts' IMAGE_EXTENSIONS
 LINK_MODES = ("copy", "hard")
 STYLE_KEYS = ("groups", "separator", "group_separator", "escape_parentheses")
 _TMP_SUFFIX = ".export-tmp"
+_NUMERIC = ("id", "image_offset", "image_size", "txt_offset", "txt_size", "json_offset",
+            "json_size", "width", "height")
 
 
 @dataclass
@@ -76,10 +80,10 @@ def export_kohya(shards, dest, *, repeats: int = 1, name: str = "hakubooru", lin
         raise HakubooruError(f"{root}: the images are members inside tar shards, which cannot be "
                              "hard-linked (a hard link names a whole file); use --link copy")
     table = read_index(root)
-    rows = table.to_pydict()
-    if not rows["id"]:
+    if table.num_rows == 0:
         raise HakubooruError(f"{root}/index.parquet has no samples")
-    odd = sorted({e for e in rows["ext"] if e.lower() not in KOHYA_IMAGE_EXTS})
+    exts = table.column("ext").unique().to_pylist()
+    odd = sorted({e for e in exts if e.lower() not in KOHYA_IMAGE_EXTS})
     if odd:
         raise HakubooruError(f"sd-scripts does not read .{odd[0]} images; rebuild the shards with "
                              "--format webp|jpeg|png")
@@ -87,37 +91,48 @@ def export_kohya(shards, dest, *, repeats: int = 1, name: str = "hakubooru", lin
     if keep_separator is not None:
         if not keep_separator.strip():
             raise HakubooruError(f"--keep-separator must be visible text, got {keep_separator!r}")
-        if min(rows["json_size"]) < 0:
+        if pc.min(table.column("json_size")).as_py() < 0:
             raise HakubooruError(f"{root}: --keep-separator rebuilds captions from the .json "
                                  "records, and some samples have none")
         if style["groups"][0] != "keep":
             raise HakubooruError(f"{root} was captioned without the keep group first "
                                  f"(groups {style['groups']}); --keep-separator needs it")
-    stems = _stems(rows)
+    stems = _stems(table)
 
     folder = Path(dest) / f"{int(repeats)}_{name}"
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob(f".*{_TMP_SUFFIX}"):  # left by a killed run
         stale.unlink()
     result = ExportResult(folder, images=len(stems))
-    metadata = {}
-    order = sorted(range(len(stems)), key=lambda i: (rows["shard"][i], rows["image_offset"][i]))
+    meta = None
+    if metadata_json is not None:
+        result.metadata = Path(metadata_json)
+        result.metadata.parent.mkdir(parents=True, exist_ok=True)
+        meta_tmp = result.metadata.with_name(f".{result.metadata.name}{_TMP_SUFFIX}")
+        meta = open(meta_tmp, "w", encoding="utf-8")
+        meta.write("{")
+    # shard by shard (in name order), members in offset order: one pass over each tar
+    shards = table.column("shard").to_numpy(zero_copy_only=False)
+    order = np.lexsort((table.column("image_offset").to_numpy(), shards))
+    col = {c: table.column(c).to_numpy() for c in _NUMERIC}
+    ext_col = table.column("ext").to_numpy(zero_copy_only=False)
     bar = tqdm(total=len(order), desc="exporting", unit="img", disable=not progress)
-    current, tar = None, None
+    current, tar, first = None, None, True
     try:
-        for i in order:
-            if rows["shard"][i] != current:
+        for i in order.tolist():
+            row = {c: int(col[c][i]) for c in _NUMERIC}
+            if shards[i] != current:
                 if tar is not None:
                     tar.close()
-                current = rows["shard"][i]
+                current = shards[i]
                 tar = open(root / current, "rb")
-            image = folder / f"{stems[i]}.{rows['ext'][i]}"
-            if image.is_file() and image.stat().st_size == rows["image_size"][i]:
+            image = folder / f"{stems[i]}.{ext_col[i]}"
+            if image.is_file() and image.stat().st_size == row["image_size"]:
                 result.kept += 1
             else:
-                _write(image, _read(tar, rows["image_offset"][i], rows["image_size"][i]))
+                _write(image, _read(tar, row["image_offset"], row["image_size"]))
                 result.copied += 1
-            caption = _caption(tar, rows, i, style, keep_separator, root)
+            caption = _caption(tar, row, style, keep_separator, root / current)
             text = folder / f"{stems[i]}.txt"
             if caption:
                 data = caption.encode()
@@ -127,20 +142,31 @@ def export_kohya(shards, dest, *, repeats: int = 1, name: str = "hakubooru", lin
             else:
                 text.unlink(missing_ok=True)
                 result.no_caption += 1
-            metadata[i] = (os.path.abspath(image),
-                           {"caption": caption, "image_size": [rows["width"][i], rows["height"][i]]})
+            if meta is not None:
+                entry = {"caption": caption, "image_size": [row["width"], row["height"]]}
+                meta.write(("\n" if first else ",\n") + _json_entry(os.path.abspath(image), entry))
+                first = False
             bar.update(1)
+        if meta is not None:
+            meta.write("\n}\n")
+            meta.close()
+            os.replace(meta_tmp, result.metadata)
     finally:
         bar.close()
         if tar is not None:
             tar.close()
-    if metadata_json is not None:
-        result.metadata = Path(metadata_json)
-        result.metadata.parent.mkdir(parents=True, exist_ok=True)
-        entries = dict(metadata[i] for i in range(len(stems)))  # index order: by id
-        write_atomic(result.metadata, (json.dumps(entries, indent=2, ensure_ascii=False) + "\n").encode())
+        if meta is not None and not meta.closed:
+            meta.close()
+            meta_tmp.unlink(missing_ok=True)
     print(result.summary(), file=sys.stderr)
     return result
+
+
+def _json_entry(key: str, entry: dict) -> str:
+    """One ``"key": {...}`` member as ``json.dumps(..., indent=2)`` writes it inside the top
+    object (what sd-scripts' merge scripts write)."""
+    inner = json.dumps(entry, indent=2, ensure_ascii=False).replace("\n", "\n  ")
+    return f"  {json.dumps(key, ensure_ascii=False)}: {inner}"
 
 
 def _style(root: Path) -> dict:
@@ -151,9 +177,10 @@ def _style(root: Path) -> dict:
     return style
 
 
-def _stems(rows: dict) -> list[str]:
+def _stems(table) -> list[str]:
     """File stems: the webdataset key where the index has one, else the id; must be unique."""
-    keys = rows.get("key") or [str(i) for i in rows["id"]]
+    keys = (table.column("key").to_pylist() if "key" in table.column_names
+            else table.column("id").cast("string").to_pylist())
     stems = [k.replace("/", "_") for k in keys]
     if len(set(stems)) != len(stems):
         raise HakubooruError("two samples would get the same file name (keys differing only in "
@@ -170,19 +197,19 @@ def _read(f, offset: int, size: int) -> bytes:
     return data
 
 
-def _caption(tar, rows: dict, i: int, style: dict, keep_separator, root: Path) -> str:
-    """Sample ``i``'s caption: its .txt, or rebuilt from its .json record when asked (or when
+def _caption(tar, row: dict, style: dict, keep_separator, shard: Path) -> str:
+    """A sample's caption: its .txt, or rebuilt from its .json record when asked (or when
     there is no .txt)."""
-    if keep_separator is None and rows["txt_size"][i] >= 0:
-        return _read(tar, rows["txt_offset"][i], rows["txt_size"][i]).decode("utf-8").strip()
-    if rows["json_size"][i] < 0:
+    if keep_separator is None and row["txt_size"] >= 0:
+        return _read(tar, row["txt_offset"], row["txt_size"]).decode("utf-8").strip()
+    if row["json_size"] < 0:
         return ""
-    raw = _read(tar, rows["json_offset"][i], rows["json_size"][i])
+    raw = _read(tar, row["json_offset"], row["json_size"])
     try:
         return caption_text(json.loads(raw), **style, keep_separator=keep_separator)
     except (ValueError, KeyError, TypeError):
-        raise HakubooruError(f"{root / rows['shard'][i]}: the .json of sample {rows['id'][i]} is "
-                             "not a caption record (groups keep, general, …)") from None
+        raise HakubooruError(f"{shard}: the .json of sample {row['id']} is not a caption record "
+                             "(groups keep, general, …)") from None
 
 
 def _write(path: Path, data: bytes) -> None:

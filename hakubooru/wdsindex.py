@@ -22,6 +22,7 @@ import tarfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import xxhash
 from PIL import Image
@@ -41,6 +42,8 @@ WDS_SKIPPED_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.string()),
 _KEY = re.compile(r"^((?:.*/|)[^./]+)[.]([^/]*)$")  # webdataset's base_plus_ext
 _NUMBER = re.compile(r"^\d{1,18}$")
 _HEAD = 1 << 16  # bytes tried first for an image's size
+_INT_COLUMNS = ("image_offset", "image_size", "txt_offset", "txt_size", "json_offset",
+                "json_size", "width", "height")
 
 
 def index_webdataset(folder, progress: bool = True) -> dict:
@@ -63,32 +66,37 @@ def index_webdataset(folder, progress: bool = True) -> dict:
                 "decompress the shards)") if compressed else ""
         raise HakubooruError(f"{root} holds no .tar shards{hint}")
 
-    samples, skipped, shards = [], [], []
+    parts, skipped, shards = [], [], []
     for tar_path in tqdm(tars, desc="indexing shards", unit="shard", disable=not progress):
         found, lost = _scan(tar_path)
-        samples.extend(found)
+        parts.append(found)
         skipped.extend(lost)
-        shards.append({"name": tar_path.name, "samples": len(found),
+        shards.append({"name": tar_path.name, "samples": len(found["key"]),
                        "size": tar_path.stat().st_size, CHECKSUM: file_checksum(tar_path)})
-    keys = [s["key"] for s in samples]
+    columns = {name: np.concatenate([p[name] for p in parts]) for name in _INT_COLUMNS}
+    keys = [k for p in parts for k in p["key"]]
+    columns["ext"] = [e for p in parts for e in p["ext"]]
     numeric = all(_NUMBER.match(k) for k in keys) and len({int(k) for k in keys}) == len(keys)
-    for position, sample in enumerate(samples):
-        sample["id"] = int(sample["key"]) if numeric else position
-    samples.sort(key=lambda s: s["id"])
-    columns = {name: [s[name] for s in samples] for name in WDS_INDEX_SCHEMA.names}
-    write_parquet(root / INDEX_FILE, pa.table(columns, schema=WDS_INDEX_SCHEMA))
+    ids = (np.array([int(k) for k in keys], np.int64) if numeric
+           else np.arange(len(keys), dtype=np.int64))
+    order = np.argsort(ids, kind="stable")
+    columns.update(id=ids, key=keys, shard=[n for p in parts for n in [p["shard"]] * len(p["key"])])
+    table = pa.table({name: pa.array(columns[name]) for name in WDS_INDEX_SCHEMA.names})
+    table = table.cast(WDS_INDEX_SCHEMA).take(pa.array(order))
+    write_parquet(root / INDEX_FILE, table)
     write_parquet(root / SKIPPED_FILE, pa.table(
         {name: [s[i] for s in skipped] for i, name in enumerate(WDS_SKIPPED_SCHEMA.names)},
         schema=WDS_SKIPPED_SCHEMA))
+    with_txt = int(np.count_nonzero(columns["txt_size"] >= 0))
+    with_json = int(np.count_nonzero(columns["json_size"] >= 0))
     reasons: dict[str, int] = {}
     for _, _, reason in skipped:
         reasons[reason] = reasons.get(reason, 0) + 1
     manifest = {
         "format": WDS_FORMAT,
         "ids": "keys" if numeric else "positions",
-        "counts": {"written": len(samples), "skipped": len(skipped), "skipped_by_reason": reasons,
-                   "with_txt": sum(s["txt_size"] >= 0 for s in samples),
-                   "with_json": sum(s["json_size"] >= 0 for s in samples)},
+        "counts": {"written": len(keys), "skipped": len(skipped), "skipped_by_reason": reasons,
+                   "with_txt": with_txt, "with_json": with_json},
         "shards": shards,
         "files": {"index": INDEX_FILE, "skipped": SKIPPED_FILE},
     }
@@ -103,8 +111,9 @@ def index_webdataset(folder, progress: bool = True) -> dict:
     return manifest
 
 
-def _scan(path: Path) -> tuple[list[dict], list[tuple]]:
-    """The samples of one tar (in member order) and the skipped ones (key, shard, reason)."""
+def _scan(path: Path) -> tuple[dict, list[tuple]]:
+    """The samples of one tar (in member order) as columns — ``key``, ``ext`` lists, ``shard``,
+    NumPy int64 arrays for the rest — and the skipped ones (key, shard, reason)."""
     groups: dict[str, dict[str, tarfile.TarInfo]] = {}
     try:
         tar = tarfile.open(path, "r:")
@@ -119,7 +128,9 @@ def _scan(path: Path) -> tuple[list[dict], list[tuple]]:
         except (tarfile.TarError, OSError):
             raise HakubooruError(f"{path}: the tar is damaged or cut short; repair or remove "
                                  "it") from None
-    samples, skipped = [], []
+    found = {"key": [], "ext": [], "shard": path.name}
+    ints = {name: [] for name in _INT_COLUMNS}
+    skipped = []
     with open(path, "rb") as f:
         for key, members in groups.items():
             image_exts = sorted(e for e in members if e in IMAGE_EXTS)
@@ -131,15 +142,18 @@ def _scan(path: Path) -> tuple[list[dict], list[tuple]]:
             if size is None:
                 skipped.append((key, path.name, "corrupt"))
                 continue
-            row = {"key": key, "shard": path.name, "image_offset": image.offset_data,
-                   "image_size": image.size, "width": size[0], "height": size[1],
-                   "ext": image_exts[0]}
+            found["key"].append(key)
+            found["ext"].append(image_exts[0])
+            values = {"image_offset": image.offset_data, "image_size": image.size,
+                      "width": size[0], "height": size[1]}
             for name in ("txt", "json"):
                 m = members.get(name)
-                row[f"{name}_offset"] = m.offset_data if m else -1
-                row[f"{name}_size"] = m.size if m else -1
-            samples.append(row)
-    return samples, skipped
+                values[f"{name}_offset"] = m.offset_data if m else -1
+                values[f"{name}_size"] = m.size if m else -1
+            for name in _INT_COLUMNS:
+                ints[name].append(values[name])
+    found.update({name: np.array(v, np.int64) for name, v in ints.items()})
+    return found, skipped
 
 
 def _image_size(f, member: tarfile.TarInfo) -> tuple[int, int] | None:

@@ -87,6 +87,8 @@ def test_kohya_folder_matches_the_sd_scripts_layout(shards, tmp_path):
     assert f"{folder}: {len(samples)} images ({len(samples)} copied, 0 already there)" in done.stderr
 
     meta = json.loads((tmp_path / "meta.json").read_text())
+    # byte for byte what sd-scripts' merge scripts write: json.dumps(metadata, indent=2)
+    assert (tmp_path / "meta.json").read_text() == json.dumps(meta, indent=2, ensure_ascii=False) + "\n"
     assert list(meta) == sorted(meta, key=lambda p: int(os.path.basename(p).split(".")[0]))
     assert set(meta) == {os.path.abspath(folder / name) for name in want if not name.endswith(".txt")}
     for path, entry in meta.items():
