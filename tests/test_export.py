@@ -5,9 +5,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 
 import pytest
 from PIL import Image
@@ -133,6 +135,34 @@ def test_rerun_after_a_kill_completes_with_identical_files(shards, tmp_path):
     n = len(images)
     assert f"{n} images (11 copied, {n - 11} already there)" in done.stderr
     assert folder_files(folder) == folder_files(fresh / "1_hakubooru")
+
+
+def test_export_killed_midway_resumes(synth_demo, tmp_path):
+    db, images = synth_demo
+    Selector.all().save(tmp_path / "all.parquet", open_db(db))
+    shards = tmp_path / "all"
+    build_shards(db, images, tmp_path / "all.parquet", shards, shard_size=200,
+                 cache_dir=tmp_path / "cache", progress=False)
+    assert hakubooru("export", shards, "--to", "kohya", tmp_path / "whole", "--quiet",
+                     "--metadata-json", tmp_path / "whole.json").returncode == 0
+    folder = tmp_path / "killed" / "1_hakubooru"
+    cmd = [sys.executable, "-m", "hakubooru", "export", str(shards), "--to", "kohya",
+           str(tmp_path / "killed"), "--quiet", "--metadata-json", str(tmp_path / "killed.json")]
+    proc = subprocess.Popen(cmd)
+    deadline = time.monotonic() + 120
+    while (not folder.is_dir() or len(os.listdir(folder)) < 20) and proc.poll() is None \
+            and time.monotonic() < deadline:
+        time.sleep(0.002)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed.json").exists(), "the export finished before it could be killed"
+    assert 0 < len(os.listdir(folder)) < len(os.listdir(tmp_path / "whole" / "1_hakubooru"))
+    assert subprocess.run(cmd, capture_output=True).returncode == 0
+    assert folder_files(folder) == folder_files(tmp_path / "whole" / "1_hakubooru")
+    assert not [p for p in (tmp_path).iterdir() if p.name.endswith(".export-tmp")]
+    whole = json.loads((tmp_path / "whole.json").read_text())
+    killed = json.loads((tmp_path / "killed.json").read_text())
+    assert list(killed.values()) == list(whole.values())
 
 
 @pytest.mark.parametrize("args, message", [
