@@ -24,11 +24,23 @@ LICENCE_NOTE = (
     "publishing or training on this dataset; remove a work on its author's request.")
 
 
-def front_matter(image_ext: str) -> dict:
+def size_category(n: int) -> str:
+    """The Hub's ``size_categories`` value for ``n`` samples."""
+    for bound, name in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"),
+                        (1_000_000, "100K<n<1M"), (10_000_000, "1M<n<10M"),
+                        (100_000_000, "10M<n<100M")):
+        if n < bound:
+            return name
+    return "100M<n<1B"
+
+
+def front_matter(image_ext: str, samples: int) -> dict:
     """The card's YAML metadata: configs (the shards, one ``train`` split) and features."""
     from .hf import hf_features
 
     return {
+        "pretty_name": "hakubooru shards",
+        "size_categories": [size_category(samples)],
         "license": "other",
         "license_name": "danbooru-artworks",
         "task_categories": ["text-to-image"],
@@ -49,7 +61,7 @@ def dataset_card(manifest: dict, image_ext: str) -> bytes:
     cap = manifest["captioner"]
     lines = [
         "---",
-        yaml.safe_dump(front_matter(image_ext), sort_keys=False, allow_unicode=True,
+        yaml.safe_dump(front_matter(image_ext, counts["written"]), sort_keys=False, allow_unicode=True,
                        width=1000).rstrip("\n"),
         "---",
         "",

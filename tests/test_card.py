@@ -13,6 +13,7 @@ import yaml
 from PIL import Image
 
 from hakubooru.builder import build_shards
+from hakubooru.card import size_category
 from hakubooru.captioner import Captioner
 from hakubooru.db import open_db
 from hakubooru.hf import hf_features
@@ -90,6 +91,7 @@ def test_card_front_matter_provenance_and_licence(empty_first):
     assert datasets.Features._from_yaml_list(meta["dataset_info"]["features"]) == \
         hf_features("webp")
     assert meta["license"] == "other"
+    assert meta["size_categories"] == ["n<1K"]  # 10 samples
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["files"]["card"] == "README.md"
     body = text.split("---\n", 2)[2]
@@ -112,3 +114,8 @@ def test_card_bytes_are_the_same_on_a_rebuild_and_a_resume(empty_first, tmp_path
                  cache_dir=b["tmp"] / "cache", progress=False)
     assert (again / "README.md").read_bytes() == card
     assert not [p.name for p in again.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_size_categories_by_hand():
+    assert [size_category(n) for n in (0, 999, 1000, 99_999, 100_000, 5_200_000)] == [
+        "n<1K", "n<1K", "1K<n<10K", "10K<n<100K", "100K<n<1M", "1M<n<10M"]
