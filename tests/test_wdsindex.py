@@ -17,7 +17,7 @@ from PIL import Image
 
 from hakubooru.errors import HakubooruError
 from hakubooru.wdsindex import index_webdataset
-from tests.shardfactory import CLASSES, _image
+from tests.shardfactory import CLASSES, _caption, _image, make_test_shards
 from trainers.lokr.augment import augment_text
 from trainers.lokr.bucketing import make_buckets
 from trainers.lokr.data import BatchDataset, BatchPlan, load_index
@@ -121,6 +121,27 @@ def test_trainer_captions_come_from_the_txt(img2dataset_like):
             assert sorted(mixed.split(", ")) == sorted(caption.split(", "))
             seen += 1
     assert seen == len(plan) * 2 >= 16
+
+
+def test_shards_with_caption_records_keep_them(tmp_path):
+    made = make_test_shards(tmp_path / "made", n=20, per_shard=8)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for tar in made.dir.glob("*.tar"):
+        (bare / tar.name).write_bytes(tar.read_bytes())
+    index_webdataset(bare, progress=False)
+    index = load_index(bare)
+    assert index.ids.tolist() == made.ids.tolist()
+    plan = BatchPlan(index, 2, seed=1, epoch=0, buckets=make_buckets(64 * 64, 32, 128, 32))
+    # shuffled with no keep count: only the record's keep group can stay in front
+    ds = BatchDataset(bare, index, plan, shuffle_tags=True, tag_dropout=0.0, keep_tokens=0,
+                      keep_separator=None)
+    for i in range(len(plan)):
+        batch = ds[i]
+        for post_id, text in zip(batch["ids"].tolist(), batch["captions"]):
+            record = made.records[post_id]
+            assert text.split(", ")[:len(record["keep"])] == record["keep"]
+            assert sorted(text.split(", ")) == sorted(_caption(record).split(", "))
 
 
 def test_augment_text_keep_rules_by_hand():
