@@ -70,6 +70,47 @@ def export_kohya(shards, dest, *, repeats: int = 1, name: str = "hakubooru", lin
     sd-scripts' ``--keep_tokens_separator``; otherwise the shards' ``.txt`` are written as they
     are. Prints the summary line; returns the counts."""
     root = shard_folder(shards)
+    table = read_index(root)
+    style = _style(root)
+    _check(root, table, style, repeats, name, link, keep_separator)
+    stems = _stems(table)
+    folder = Path(dest) / f"{int(repeats)}_{name}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob(f".*{_TMP_SUFFIX}"):  # left by a killed run
+        stale.unlink()
+    result = ExportResult(folder, images=len(stems))
+    result.metadata = None if metadata_json is None else Path(metadata_json)
+    # shard by shard (in name order), members in offset order: one pass over each tar
+    shards = table.column("shard").to_numpy(zero_copy_only=False)
+    order = np.lexsort((table.column("image_offset").to_numpy(), shards))
+    col = {c: table.column(c).to_numpy() for c in _NUMERIC}
+    ext_col = table.column("ext").to_numpy(zero_copy_only=False)
+    current, tar = None, None
+    with _MetadataFile(result.metadata) as meta, \
+            tqdm(total=len(order), desc="exporting", unit="img", disable=not progress) as bar:
+        try:
+            for i in order.tolist():
+                row = {c: int(col[c][i]) for c in _NUMERIC}
+                if shards[i] != current:
+                    if tar is not None:
+                        tar.close()
+                    current = shards[i]
+                    tar = open(root / current, "rb")
+                image = folder / f"{stems[i]}.{ext_col[i]}"
+                caption = _caption(tar, row, style, keep_separator, root / current)
+                _export_sample(tar, row, image, caption, result)
+                meta.add(os.path.abspath(image),
+                         {"caption": caption, "image_size": [row["width"], row["height"]]})
+                bar.update(1)
+        finally:
+            if tar is not None:
+                tar.close()
+    print(result.summary(), file=sys.stderr)
+    return result
+
+
+def _check(root: Path, table, style: dict, repeats, name, link, keep_separator) -> None:
+    """Refuse, before writing anything, options and indexes the export cannot serve."""
     if int(repeats) < 1:
         raise HakubooruError(f"--repeats must be at least 1, got {repeats}")
     if not name or "/" in name or name != name.strip():
@@ -79,87 +120,73 @@ def export_kohya(shards, dest, *, repeats: int = 1, name: str = "hakubooru", lin
     if link == "hard":
         raise HakubooruError(f"{root}: the images are members inside tar shards, which cannot be "
                              "hard-linked (a hard link names a whole file); use --link copy")
-    table = read_index(root)
     if table.num_rows == 0:
         raise HakubooruError(f"{root}/index.parquet has no samples")
-    exts = table.column("ext").unique().to_pylist()
-    odd = sorted({e for e in exts if e.lower() not in KOHYA_IMAGE_EXTS})
+    odd = sorted({e for e in table.column("ext").unique().to_pylist()
+                  if e.lower() not in KOHYA_IMAGE_EXTS})
     if odd:
         raise HakubooruError(f"sd-scripts does not read .{odd[0]} images; rebuild the shards with "
                              "--format webp|jpeg|png")
-    style = _style(root)
-    if keep_separator is not None:
-        if not keep_separator.strip():
-            raise HakubooruError(f"--keep-separator must be visible text, got {keep_separator!r}")
-        if pc.min(table.column("json_size")).as_py() < 0:
-            raise HakubooruError(f"{root}: --keep-separator rebuilds captions from the .json "
-                                 "records, and some samples have none")
-        if style["groups"][0] != "keep":
-            raise HakubooruError(f"{root} was captioned without the keep group first "
-                                 f"(groups {style['groups']}); --keep-separator needs it")
-    stems = _stems(table)
+    if keep_separator is None:
+        return
+    if not keep_separator.strip():
+        raise HakubooruError(f"--keep-separator must be visible text, got {keep_separator!r}")
+    if pc.min(table.column("json_size")).as_py() < 0:
+        raise HakubooruError(f"{root}: --keep-separator rebuilds captions from the .json "
+                             "records, and some samples have none")
+    if style["groups"][0] != "keep":
+        raise HakubooruError(f"{root} was captioned without the keep group first "
+                             f"(groups {style['groups']}); --keep-separator needs it")
 
-    folder = Path(dest) / f"{int(repeats)}_{name}"
-    folder.mkdir(parents=True, exist_ok=True)
-    for stale in folder.glob(f".*{_TMP_SUFFIX}"):  # left by a killed run
-        stale.unlink()
-    result = ExportResult(folder, images=len(stems))
-    meta = None
-    if metadata_json is not None:
-        result.metadata = Path(metadata_json)
-        result.metadata.parent.mkdir(parents=True, exist_ok=True)
-        meta_tmp = result.metadata.with_name(f".{result.metadata.name}{_TMP_SUFFIX}")
-        meta = open(meta_tmp, "w", encoding="utf-8")
-        meta.write("{")
-    # shard by shard (in name order), members in offset order: one pass over each tar
-    shards = table.column("shard").to_numpy(zero_copy_only=False)
-    order = np.lexsort((table.column("image_offset").to_numpy(), shards))
-    col = {c: table.column(c).to_numpy() for c in _NUMERIC}
-    ext_col = table.column("ext").to_numpy(zero_copy_only=False)
-    bar = tqdm(total=len(order), desc="exporting", unit="img", disable=not progress)
-    current, tar, first = None, None, True
-    try:
-        for i in order.tolist():
-            row = {c: int(col[c][i]) for c in _NUMERIC}
-            if shards[i] != current:
-                if tar is not None:
-                    tar.close()
-                current = shards[i]
-                tar = open(root / current, "rb")
-            image = folder / f"{stems[i]}.{ext_col[i]}"
-            if image.is_file() and image.stat().st_size == row["image_size"]:
-                result.kept += 1
-            else:
-                _write(image, _read(tar, row["image_offset"], row["image_size"]))
-                result.copied += 1
-            caption = _caption(tar, row, style, keep_separator, root / current)
-            text = folder / f"{stems[i]}.txt"
-            if caption:
-                data = caption.encode()
-                if not (text.is_file() and text.read_bytes() == data):
-                    _write(text, data)
-                result.captions += 1
-            else:
-                text.unlink(missing_ok=True)
-                result.no_caption += 1
-            if meta is not None:
-                entry = {"caption": caption, "image_size": [row["width"], row["height"]]}
-                meta.write(("\n" if first else ",\n") + _json_entry(os.path.abspath(image), entry))
-                first = False
-            bar.update(1)
-        if meta is not None:
-            meta.write("\n}\n")
-            meta.close()
-            os.replace(meta_tmp, result.metadata)
-    finally:
-        bar.close()
-        if tar is not None:
-            tar.close()
-        if meta is not None and not meta.closed:
-            meta.close()
-            meta_tmp.unlink(missing_ok=True)
-    print(result.summary(), file=sys.stderr)
-    return result
+
+def _export_sample(tar, row: dict, image: Path, caption: str, result: ExportResult) -> None:
+    """Write one sample's image and caption file unless they are already right."""
+    if image.is_file() and image.stat().st_size == row["image_size"]:
+        result.kept += 1
+    else:
+        _write(image, _read(tar, row["image_offset"], row["image_size"]))
+        result.copied += 1
+    text = image.with_suffix(".txt")
+    if caption:
+        data = caption.encode()
+        if not (text.is_file() and text.read_bytes() == data):
+            _write(text, data)
+        result.captions += 1
+    else:
+        text.unlink(missing_ok=True)
+        result.no_caption += 1
+
+
+class _MetadataFile:
+    """sd-scripts' metadata JSON, written entry by entry to a temporary name and renamed into
+    place when complete (a killed export leaves no half file); does nothing for path None."""
+
+    def __init__(self, path: Path | None):
+        self.path, self.file, self.first = path, None, True
+
+    def __enter__(self):
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = self.path.with_name(f".{self.path.name}{_TMP_SUFFIX}")
+            self.file = open(self.tmp, "w", encoding="utf-8")
+            self.file.write("{")
+        return self
+
+    def add(self, key: str, entry: dict) -> None:
+        if self.file is not None:
+            self.file.write(("\n" if self.first else ",\n") + _json_entry(key, entry))
+            self.first = False
+
+    def __exit__(self, kind, *_):
+        if self.file is None:
+            return
+        if kind is None:
+            self.file.write("\n}\n")
+        self.file.close()
+        if kind is None:
+            os.replace(self.tmp, self.path)
+        else:
+            self.tmp.unlink(missing_ok=True)
 
 
 def _json_entry(key: str, entry: dict) -> str:
