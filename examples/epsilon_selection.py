@@ -6,7 +6,11 @@
 Three id windows sampled without replacement with a fixed seed (1M of ids 0–1,999,999;
 2M of ids 2,000,000–4,999,999; every post from 5,000,000 on), then deleted, Gold-only and
 non-image posts removed. Prints the count at every stage, saves the selection as
-Parquet, and builds webdataset shards with the epsilon captions.
+Parquet, and builds webdataset shards with the epsilon captions. Every option of
+`python -m hakubooru build` (--format, --shard-size, --part, --max-pixels, the caption
+style, ...) is accepted and passed on, e.g. for the nyanko7 archives (mixed jpg/png):
+
+    python examples/epsilon_selection.py --db danbooru2023.db --images /data/nyanko7 --out out/ --format webp
 """
 from __future__ import annotations
 
@@ -15,6 +19,8 @@ import sys
 from pathlib import Path
 
 from hakubooru import HakubooruError, Selector, build_shards, open_db
+from hakubooru.commands.build import add_build_arguments, build_options
+from hakubooru.commands.caption_style import add_caption_arguments, caption_options
 from hakubooru.errors import run_command
 
 # (lo, hi, posts to sample) — recipe §1; None = take every post in the window
@@ -40,17 +46,22 @@ def main(argv=None) -> int:
 
 
 def _main(argv) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 epilog="The build and caption style options are those of "
+                                        "`python -m hakubooru build --help`; e.g. --format webp "
+                                        "for the nyanko7 archives (mixed jpg/png).")
     ap.add_argument("--db", help="danbooru2023.db (default: the demo database, created if absent)")
     ap.add_argument("--images", help="image archives folder (default: the demo archives)")
     ap.add_argument("--workdir", default="demo", help="where the demo data and the selection go")
-    ap.add_argument("--out", default="out", help="output folder for the shards")
-    ap.add_argument("--seed", type=int, default=SEED)
+    ap.add_argument("--out", default="out", help="output folder for the shards (default: %(default)s)")
+    ap.add_argument("--seed", type=int, default=SEED, help="sampling seed (default: %(default)s)")
     ap.add_argument("--scale", type=float, help="multiply the sample sizes (default 1, or the "
                                                 "demo database's size relative to the real one)")
-    ap.add_argument("--demo-posts", type=int, default=3000, help="size of the demo database")
-    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--demo-posts", type=int, default=3000,
+                    help="size of the demo database (default: %(default)s)")
     ap.add_argument("--no-shards", action="store_true", help="stop after saving the selection")
+    add_build_arguments(ap.add_argument_group("build (as python -m hakubooru build)"))
+    add_caption_arguments(ap)
     args = ap.parse_args(argv)
 
     workdir = Path(args.workdir)
@@ -71,7 +82,8 @@ def _main(argv) -> int:
         return 0
     if images is None:
         raise HakubooruError("--images is required with --db (the image archives folder)")
-    build_shards(db_path, images, selection_path, args.out, workers=args.workers)
+    build_shards(db_path, images, selection_path, args.out, **build_options(args),
+                 caption_options=caption_options(args))
     return 0
 
 

@@ -15,6 +15,8 @@ _LAZY = {
     "Captioner": "hakubooru.captioner",
     "QualityThresholds": "hakubooru.quality",
     "build_shards": "hakubooru.builder",
+    "export_kohya": "hakubooru.export",
+    "index_webdataset": "hakubooru.wdsindex",
 }
 
 

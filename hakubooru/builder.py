@@ -170,7 +170,8 @@ def _shard_entries(pending, blocks, ids, located, captions):
         yield k, entries
 
 
-def build_shards(db, images, selection, out, *, captioner=None, shard_size: int = 1000,
+def build_shards(db, images, selection, out, *, captioner=None, caption_options=None,
+                 shard_size: int = 1000,
                  workers: int = 1, part=None, image_format: str | None = None,
                  quality: int = 90, max_pixels: int | None = None,
                  validate: str = "standard", cache_dir=None, progress: bool = True
@@ -182,6 +183,9 @@ def build_shards(db, images, selection, out, *, captioner=None, shard_size: int 
     processes in parallel, one shard per task. When all shards are present (this run or
     other parts), manifest.json, index.parquet and skipped.parquet are written.
     Output bytes do not depend on ``workers``, ``part`` or interruptions.
+    ``caption_options``: keyword arguments of the default ``Captioner(db, ...)`` (separator,
+    keep_separator, groups, ...; not with ``captioner``); recorded in the plan like all of
+    the captioner's settings, so resuming with other ones is refused.
     """
     started = time.perf_counter()
     if shard_size < 1 or workers < 1:
@@ -193,7 +197,9 @@ def build_shards(db, images, selection, out, *, captioner=None, shard_size: int 
     if not isinstance(selection, Selection):
         selection = load_selection(selection)
     selection.check(db)
-    captioner = captioner if captioner is not None else Captioner(db)
+    if captioner is not None and caption_options:
+        raise HakubooruError("pass either a captioner or caption_options, not both")
+    captioner = captioner if captioner is not None else Captioner(db, **(caption_options or {}))
     out = Path(out)
 
     ids = np.asarray(selection.ids, np.int64)

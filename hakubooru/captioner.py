@@ -22,7 +22,8 @@ from tqdm import tqdm
 from .db import IDS_SUBQUERY, RATINGS, TAG_TYPES, ids_param, open_db
 from .errors import HakubooruError
 from .quality import NO_QUALITY_ABOVE_ID, QualityThresholds
-from .tagrules import RATING_TAGS, TAG_GROUPS, TagRules, escape_parentheses, year_tag_table
+from .tagrules import RATING_TAGS, TAG_GROUPS, TagRules, year_tag_table
+from .tagrules import escape_parentheses as _escape
 
 # Parts of a record, in the order the caption text joins them by default.
 CAPTION_GROUPS = ("keep", "general", "quality", "year", "meta", "rating_tags")
@@ -46,6 +47,9 @@ class Captioner:
     joins groups; ``escape_parentheses`` escapes ``(`` ``)`` in the text for sd-webui;
     ``groups`` lists the record parts the caption shows, in order (parts left out are also
     emptied in the record, so a trainer rebuilding captions agrees with the text).
+    ``keep_separator`` (e.g. ``"|||"``, sd-scripts' ``--keep_tokens_separator``) is written
+    between the keep group (then the first of ``groups``) and the rest. ``underscores``:
+    ``"spaces"`` (default rule) or ``"keep"`` (danbooru names as they are); None: the rules'.
     Posts with id > ``no_quality_above_id`` (None: no limit) get no quality tag and are not
     in the computed statistics. ``rules`` changes tag rules, ``sources`` adds tag sources.
     ``stats`` counts what was captioned, skipped or missing.
@@ -61,6 +65,8 @@ class Captioner:
         group_separator: str | None = None,
         escape_parentheses: bool = False,
         groups: Sequence[str] = CAPTION_GROUPS,
+        keep_separator: str | None = None,
+        underscores: str | None = None,
         no_quality_above_id: int | None = NO_QUALITY_ABOVE_ID,
         rules: TagRules | None = None,
         sources: Sequence[TagSource] = (),
@@ -71,10 +77,15 @@ class Captioner:
         self.group_separator = _check_str("group_separator", separator if group_separator is None else group_separator)
         self.escape_parentheses = bool(escape_parentheses)
         self.groups = _check_groups(groups)
+        self.keep_separator = None if keep_separator is None else _check_str("keep_separator", keep_separator)
+        if self.keep_separator is not None and (not self.keep_separator.strip() or self.groups[0] != "keep"):
+            raise HakubooruError("keep_separator needs the keep group first in groups and a "
+                                 f"visible separator; got {self.keep_separator!r}, groups {list(self.groups)}")
         self._omitted = tuple(g for g in CAPTION_GROUPS if g not in self.groups)
         # the default layout is one join over all parts, done directly (the bulk path's hot spot)
         default_layout = (self.groups == CAPTION_GROUPS and self.group_separator == self.separator
-                          and not self.escape_parentheses and type(self).text is Captioner.text)
+                          and not self.escape_parentheses and self.keep_separator is None
+                          and type(self).text is Captioner.text)
         self._text = self._join_all if default_layout else self.text
         self.no_quality_above_id = None if no_quality_above_id is None else int(no_quality_above_id)
         if isinstance(quality, QualityThresholds):
@@ -83,7 +94,10 @@ class Captioner:
             self.quality = QualityThresholds.from_db(self.db, self.no_quality_above_id)
         else:
             self.quality = QualityThresholds(quality)
-        self.rules = rules if rules is not None else TagRules()
+        self.rules = rules if rules is not None else TagRules(underscores or "spaces")
+        if underscores is not None and getattr(self.rules, "underscores", None) != underscores:
+            if rules is not None:
+                raise HakubooruError("pass underscores= to your TagRules, not to the Captioner")
         self.sources = tuple(sources)
         if int(chunk_size) < 1:
             raise HakubooruError(f"chunk_size must be at least 1, got {chunk_size}")
@@ -122,13 +136,14 @@ class Captioner:
 
     def text(self, record: dict) -> str:
         """The caption text of a record: the chosen groups' tags, joined and escaped."""
-        parts = []
-        for group in self.groups:
-            tags = record[group]
-            if tags:
-                part = self.separator.join(tags)
-                parts.append(escape_parentheses(part) if self.escape_parentheses else part)
-        return self.group_separator.join(parts)
+        return caption_text(record, **self.style())
+
+    def style(self) -> dict:
+        """The options of caption_text() this captioner writes its text with."""
+        return {"groups": self.groups, "separator": self.separator,
+                "group_separator": self.group_separator,
+                "escape_parentheses": self.escape_parentheses,
+                "keep_separator": self.keep_separator}
 
     def _join_all(self, record: dict) -> str:
         return self.separator.join(record["keep"] + record["general"] + record["quality"] + record["year"]
@@ -148,6 +163,8 @@ class Captioner:
             "group_separator": self.group_separator,
             "escape_parentheses": self.escape_parentheses,
             "groups": list(self.groups),
+            "keep_separator": self.keep_separator,
+            "underscores": getattr(self.rules, "underscores", None),
             "no_quality_above_id": self.no_quality_above_id,
             "quality": self.quality.to_dict(),
             "sources": [getattr(s, "__qualname__", type(s).__qualname__) for s in self.sources],
@@ -289,6 +306,25 @@ class Captioner:
                 record[part] = []
             self.stats["posts"] += 1
             yield post_id, text(record), record
+
+
+def caption_text(record: dict, *, groups: Sequence[str] = CAPTION_GROUPS, separator: str = ", ",
+                 group_separator: str | None = None, escape_parentheses: bool = False,
+                 keep_separator: str | None = None) -> str:
+    """A record's caption text: the tags of ``groups`` (in that order; empty ones left out),
+    ``separator`` inside a group, ``group_separator`` (default ``separator``) between groups,
+    parentheses escaped for sd-webui if asked; with ``keep_separator``, the first group
+    (keep) is followed by `` <keep_separator> `` instead, when both sides have tags."""
+    parts = []
+    for group in groups:
+        tags = record[group]
+        part = separator.join(tags)
+        parts.append(_escape(part) if escape_parentheses else part)
+    between = separator if group_separator is None else group_separator
+    rest = between.join(p for p in parts[1:] if p)
+    if keep_separator is not None and parts[0] and rest:
+        return f"{parts[0]} {keep_separator} {rest}"
+    return between.join(p for p in (parts[0], rest) if p)
 
 
 def _check_str(name: str, value) -> str:

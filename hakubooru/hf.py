@@ -3,7 +3,8 @@
 ``datasets.load_dataset("webdataset", ...)`` infers column types from the first 5 samples
 of the first shard; a tag group empty in all of them (``meta: []``) is typed ``null`` and
 the first non-empty one then fails to cast. Passing ``features=hf_features(ext)`` avoids
-the guess.
+the guess; a build's dataset card (hakubooru.card) records the same features, so
+``load_dataset("out/")`` needs no argument.
 """
 from __future__ import annotations
 

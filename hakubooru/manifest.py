@@ -7,7 +7,8 @@
 - ``.parts/shard-NNNNNN.json`` (sidecars): one per finished shard — its checksum, size,
   sample count, index rows and skipped posts. Written just before the shard is renamed
   into place, so a shard that exists always has one.
-- ``manifest.json``, ``index.parquet``, ``skipped.parquet``: assembled from the sidecars
+- ``manifest.json``, ``index.parquet``, ``skipped.parquet``, ``README.md`` (the dataset
+  card, hakubooru.card): assembled from the sidecars
   once every shard is present, each under a temporary name then renamed into place.
   No timestamps: a re-run gives the same bytes.
 """
@@ -22,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import xxhash
 
+from .card import CARD_FILE, dataset_card
 from .errors import HakubooruError
 from .shardwriter import CHECKSUM, file_checksum
 
@@ -177,9 +179,11 @@ def assemble(out: Path, plan: dict) -> dict | None:
                    "skipped": sum(reasons.values()), "skipped_by_reason": reasons},
         "shards": [{"name": s["name"], "samples": s["samples"], "size": s["size"],
                     CHECKSUM: s[CHECKSUM]} for s in sidecars],
-        "files": {"index": INDEX_FILE, "skipped": SKIPPED_FILE},
+        "files": {"index": INDEX_FILE, "skipped": SKIPPED_FILE, "card": CARD_FILE},
     }
     # identifies the dataset's content (trainers check resumed states against it)
     manifest["fingerprint"] = "xxh3_128:" + xxhash.xxh3_128(dump_json(manifest)).hexdigest()
+    image_ext = columns["ext"][0] if columns["ext"] else "webp"  # no sample: any image column
+    write_atomic(out / CARD_FILE, dataset_card(manifest, image_ext))  # a function of the manifest
     write_atomic(out / MANIFEST_FILE, dump_json(manifest))
     return manifest

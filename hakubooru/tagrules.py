@@ -6,6 +6,8 @@ and afterwards only looks results up.
 """
 from __future__ import annotations
 
+from .errors import HakubooruError
+
 # People-count tags lead the caption, in this fixed order.
 PEOPLE_COUNT_TAGS = (
     "1girl", "2girls", "3girls", "4girls", "5girls", "6+girls", "multiple_girls",
@@ -33,10 +35,18 @@ RATING_TAGS = {
 }
 
 
-def format_tag(name: str) -> str:
+# How tag names' underscores are written: "spaces" (the Kohaku XL rule, format_tag) or
+# "keep" (danbooru's own names, as sd-scripts' booru taggers read them with underscores).
+UNDERSCORE_RULES = ("spaces", "keep")
+
+
+def format_tag(name: str, underscores: str = "spaces") -> str:
     """Danbooru tag name -> caption text: underscores become spaces, except in names of
-    3 characters or fewer (emoticons such as ``^_^``, ``o_o``, ``>_<`` keep them)."""
-    return name if len(name) <= 3 else name.replace("_", " ")
+    3 characters or fewer (emoticons such as ``^_^``, ``o_o``, ``>_<`` keep them);
+    ``underscores="keep"`` leaves every name as it is."""
+    if underscores == "keep" or len(name) <= 3:
+        return name
+    return name.replace("_", " ")
 
 
 def escape_parentheses(text: str) -> str:
@@ -70,6 +80,12 @@ class TagRules:
     meta_keyword_blacklist = META_KEYWORD_BLACKLIST
     artist_keyword_blacklist = ARTIST_KEYWORD_BLACKLIST
 
+    def __init__(self, underscores: str = "spaces"):
+        if underscores not in UNDERSCORE_RULES:
+            raise HakubooruError(f"underscores must be one of {', '.join(UNDERSCORE_RULES)}, "
+                                 f"not {underscores!r}")
+        self.underscores = underscores
+
     def group(self, name: str, type: str) -> str | None:
         """The group (one of TAG_GROUPS) of a tag given its raw name and type name
         (general / artist / character / copyright / meta), or None to leave it out."""
@@ -87,7 +103,7 @@ class TagRules:
 
     def format(self, name: str, type: str) -> str:
         """The text of a tag in captions and records (unescaped)."""
-        return format_tag(name)
+        return format_tag(name, self.underscores)
 
     def sort_key(self, group: str, name: str, popularity: int) -> tuple:
         """Order inside a group: people-count tags in their fixed order; every other

@@ -137,6 +137,23 @@ def test_options_separators_groups_escaping(db):
     assert esc.record(1)["keep"][3] == "ask (askzy)"  # records stay unescaped
 
 
+def test_keep_separator_and_underscore_rule(db):
+    # sd-scripts style: the keep group, then ' ||| ', then the rest (shuffled by sd-scripts)
+    kohya = Captioner(db, quality=TABLE, keep_separator="|||")
+    assert kohya.caption(1) == ("1girl, hatsune miku, vocaloid, ask (askzy) ||| solo, smile, "
+                                "long hair, ^_^, masterpiece, old, highres, safe")
+    assert kohya.caption(5) == "worst quality, old, safe"  # no keep tags: no separator
+    raw = Captioner(db, quality=TABLE, underscores="keep", escape_parentheses=True,
+                    keep_separator="|||", groups=("keep", "general"))
+    assert raw.caption(1) == "1girl, hatsune_miku, vocaloid, ask_\\(askzy\\) ||| solo, smile, long_hair, ^_^"
+    assert raw.record(1)["keep"] == ["1girl", "hatsune_miku", "vocaloid", "ask_(askzy)"]
+    assert raw.settings()["underscores"] == "keep" and raw.settings()["keep_separator"] == "|||"
+    with pytest.raises(HakubooruError, match="keep_separator needs the keep group first"):
+        Captioner(db, quality=TABLE, keep_separator="|||", groups=("general", "keep"))
+    with pytest.raises(HakubooruError, match="underscores must be one of spaces, keep"):
+        Captioner(db, quality=TABLE, underscores="dashes")
+
+
 def test_quality_cutoff_can_be_disabled(db):
     assert Captioner(db, quality=TABLE, no_quality_above_id=None).caption(8_000_000) == \
         "1girl, masterpiece, newest, safe"  # fav 100 > 90

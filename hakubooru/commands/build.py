@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from ..errors import HakubooruError
 from ..images import FORMATS, VALIDATION_LEVELS
+from .caption_style import add_caption_arguments, caption_options
 
 
 def add_arguments(parser) -> None:
@@ -10,34 +11,52 @@ def add_arguments(parser) -> None:
     parser.add_argument("--images", help="image archives folder (webp-4Mpixel, nyanko7 or <id>.<ext>)")
     parser.add_argument("--selection", help="selection.parquet from `python -m hakubooru select`")
     parser.add_argument("--out", help="output folder (created; re-running resumes it)")
-    parser.add_argument("--shard-size", type=int, default=1000, help="selected posts per shard")
-    parser.add_argument("--workers", type=int, default=1, help="processes building shards")
-    parser.add_argument("--part", help="build only part i/N of the shards (0 <= i < N)")
-    parser.add_argument("--format", choices=sorted(FORMATS), dest="image_format",
-                        help="re-encode every image to this format (default: pass through)")
-    parser.add_argument("--quality", type=int, default=90, help="webp/jpeg quality when re-encoding")
-    parser.add_argument("--max-pixels", type=int, help="downscale images above this many pixels")
-    parser.add_argument("--validate", choices=VALIDATION_LEVELS, default="standard",
-                        help="image checks: standard (headers, containers, truncation) or "
-                             "full (decode every image)")
-    parser.add_argument("--cache-dir", help="tar index cache (default ~/.cache/hakubooru/tarindex)")
     parser.add_argument("--merge", metavar="OUT",
                         help="only assemble manifest and index of a folder built in parts")
+    add_build_arguments(parser)
+    add_caption_arguments(parser)
+
+
+def add_build_arguments(parser) -> None:
+    """The build options beside --db/--images/--selection/--out (also used by examples)."""
+    parser.add_argument("--shard-size", type=int, default=1000,
+                        help="selected posts per shard (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="processes building shards (default: %(default)s)")
+    parser.add_argument("--part", help="build only part i/N of the shards (0 <= i < N; "
+                                       "default: all)")
+    parser.add_argument("--format", choices=sorted(FORMATS), dest="image_format",
+                        help="re-encode every image to this format (default: pass through)")
+    parser.add_argument("--quality", type=int, default=90,
+                        help="webp/jpeg quality when re-encoding (default: %(default)s)")
+    parser.add_argument("--max-pixels", type=int,
+                        help="downscale images above this many pixels (default: no limit)")
+    parser.add_argument("--validate", choices=VALIDATION_LEVELS, default="standard",
+                        help="image checks: standard (headers, containers, truncation) or "
+                             "full (decode every image) (default: %(default)s)")
+    parser.add_argument("--cache-dir", help="tar index cache (default: ~/.cache/hakubooru/tarindex)")
     parser.add_argument("--quiet", action="store_true",
                         help="no progress bars (the end-of-run line is still printed)")
 
 
+def build_options(args) -> dict:
+    """build_shards keyword arguments from the options of add_build_arguments."""
+    return {"shard_size": args.shard_size, "workers": args.workers, "part": args.part,
+            "image_format": args.image_format, "quality": args.quality,
+            "max_pixels": args.max_pixels, "validate": args.validate,
+            "cache_dir": args.cache_dir, "progress": not args.quiet}
+
+
 def run(args) -> int:
     from ..builder import build_shards, merge
+    from ..shardfolder import shard_folder
 
     if args.merge:
-        merge(args.merge)
+        merge(shard_folder(args.merge, need_index=False))
         return 0
     missing = [f"--{n}" for n in ("db", "images", "selection", "out") if not getattr(args, n)]
     if missing:
         raise HakubooruError(f"build needs {', '.join(missing)} (or --merge OUT)")
-    build_shards(args.db, args.images, args.selection, args.out, shard_size=args.shard_size,
-                 workers=args.workers, part=args.part, image_format=args.image_format,
-                 quality=args.quality, max_pixels=args.max_pixels, validate=args.validate,
-                 cache_dir=args.cache_dir, progress=not args.quiet)
+    build_shards(args.db, args.images, args.selection, args.out, **build_options(args),
+                 caption_options=caption_options(args))
     return 0

@@ -14,11 +14,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..captioner import CAPTION_GROUPS, Captioner
+from ..captioner import Captioner
 from ..db import fingerprint, open_db
 from ..errors import HakubooruError
-from ..quality import NO_QUALITY_ABOVE_ID
 from ..selector import load_selection
+from .caption_style import add_caption_arguments, make_captioner
 
 SCHEMA = pa.schema([("id", pa.int64()), ("caption", pa.string()), ("record", pa.string())])
 ROWS_PER_GROUP = 50_000
@@ -29,16 +29,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--selection", required=True, help="selection.parquet from `python -m hakubooru select`")
     parser.add_argument("--out", default="captions.parquet", help="output Parquet file (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    parser.add_argument("--separator", default=", ", help="between tags (default: %(default)r)")
-    parser.add_argument("--group-separator", default=None, help="between groups (default: --separator)")
-    parser.add_argument("--escape-parentheses", action="store_true", help=r"write ( ) as \( \) for sd-webui prompts")
-    parser.add_argument("--groups", default=",".join(CAPTION_GROUPS),
-                        help="comma-separated groups to emit, in order (default: %(default)s)")
-    parser.add_argument("--no-quality-above-id", default=str(NO_QUALITY_ABOVE_ID),
-                        help="posts above this id get no quality tag and stay out of the statistics; "
-                             "'none' for no limit (default: %(default)s)")
-    parser.add_argument("--quality-table", default=None,
-                        help="JSON file {rating: {percentile: threshold}} instead of percentiles from --db")
+    add_caption_arguments(parser)
 
 
 def run(args) -> int:
@@ -48,15 +39,7 @@ def run(args) -> int:
     db = open_db(args.db)
     selection = load_selection(args.selection)
     selection.check(db)
-    captioner = Captioner(
-        db,
-        quality=_read_quality_table(args.quality_table),
-        separator=args.separator,
-        group_separator=args.group_separator,
-        escape_parentheses=args.escape_parentheses,
-        groups=[g.strip() for g in args.groups.split(",") if g.strip()],
-        no_quality_above_id=_parse_limit(args.no_quality_above_id),
-    )
+    captioner = make_captioner(db, args)
     write_parquet(captioner, selection.ids, out, {"db_fingerprint": fingerprint(db),
                                                   "selection": str(args.selection),
                                                   "selection_sha256": selection.digest})
@@ -92,21 +75,3 @@ def _flush(writer, columns) -> None:
         writer.write_table(pa.table(list(columns), schema=SCHEMA))
         for column in columns:
             column.clear()
-
-
-def _parse_limit(text: str) -> int | None:
-    if text.strip().lower() == "none":
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise HakubooruError(f"--no-quality-above-id must be an integer or 'none', got {text!r}") from None
-
-
-def _read_quality_table(path) -> dict | None:
-    if path is None:
-        return None
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise HakubooruError(f"cannot read quality table {path}: {e}") from None

@@ -5,6 +5,8 @@
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..db import Post, open_db
 from ..errors import HakubooruError
 from ..selector import Selector
@@ -14,7 +16,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--db", required=True, help="danbooru2023.db")
     parser.add_argument("--expr", required=True,
                         help="a Python expression building a Selector (names: Selector, Post)")
-    parser.add_argument("--out", help="write the selection here (Parquet)")
+    parser.add_argument("--out", help="write the selection here (Parquet; default: only print "
+                                      "the count)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.add_argument("--explain", action="store_true", help="print the tree with counts")
 
 
@@ -32,6 +36,8 @@ def parse_expression(text: str) -> Selector:
 
 
 def run(args) -> int:
+    if args.out and Path(args.out).exists() and not args.overwrite:
+        raise HakubooruError(f"{args.out} exists; pass --overwrite to replace it")
     db = open_db(args.db)
     sel = parse_expression(args.expr)
     if args.explain:

@@ -12,14 +12,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--posts", type=int, required=True, help="number of posts")
     parser.add_argument("--out", type=Path, required=True,
                         help="output folder: gets danbooru2023.db, images/ and synth.json")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--image-side", type=int, default=128, metavar="PX",
-                        help="longest side of the pictures in pixels (default 128)")
+                        help="longest side of the pictures in pixels (default: 128)")
     parser.add_argument("--no-images", action="store_true", help="write the database only")
     parser.add_argument("--images-limit", type=int, default=None, metavar="N",
-                        help="write at most N pictures, spread evenly over the ids")
+                        help="write at most N pictures, spread evenly over the ids (default: all)")
     parser.add_argument("--layout", choices=LAYOUTS, default="webp4m",
-                        help="archive layout (default webp4m: images/data-0NNN.tar, data-1NNN.tar)")
+                        help="archive layout (default: webp4m, images/data-0NNN.tar, data-1NNN.tar)")
     parser.add_argument("--force", action="store_true",
                         help="rebuild even if OUT is already complete for these arguments")
 

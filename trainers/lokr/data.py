@@ -17,9 +17,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from hakubooru.errors import HakubooruError
+from hakubooru.shardfolder import shard_folder
 from hakubooru.images import to_rgb
 from hakubooru.rng import hash64, hash64_array, uniform
-from trainers.lokr.augment import augment_caption
+from trainers.lokr.augment import GROUPS, augment_caption, augment_text
 from trainers.lokr.bucketing import assign_buckets, crop_box
 
 # Separate streams for the randomness drawn from the same (seed, epoch, ...).
@@ -29,6 +30,7 @@ CROP_STREAM = 0xC0F
 
 INDEX_COLUMNS = ("id", "shard", "image_offset", "image_size", "json_offset", "json_size",
                  "width", "height")
+TEXT_COLUMNS = ("txt_offset", "txt_size")  # read when present; -1 = no such member
 
 
 @dataclass
@@ -45,6 +47,8 @@ class ShardIndex:
     width: np.ndarray         # int32, stored image
     height: np.ndarray
     fingerprint: str          # identifies the dataset (manifest's, else sha256 of the index)
+    txt_offset: np.ndarray | None = None  # int64; -1 (or None: not indexed) = no .txt
+    txt_size: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -54,15 +58,12 @@ def load_index(shards_dir) -> ShardIndex:
     """Read ``index.parquet`` (and the fingerprint from ``manifest.json``) of a shard folder.
     Raises HakubooruError when the folder, the index, a column or a shard file is missing or
     the index is empty or not sorted by unique id."""
-    root = Path(shards_dir)
+    root = shard_folder(shards_dir)
     path = root / "index.parquet"
-    if not root.is_dir():
-        raise HakubooruError(f"shard folder {root} does not exist")
-    if not path.is_file():
-        raise HakubooruError(f"{root} has no index.parquet: is it a shard folder written by "
-                             f"`python -m hakubooru build`?")
     try:
-        table = pq.read_table(path, columns=list(INDEX_COLUMNS), read_dictionary=["shard"])
+        names = set(pq.read_schema(path).names)
+        text = [c for c in TEXT_COLUMNS if c in names]
+        table = pq.read_table(path, columns=list(INDEX_COLUMNS) + text, read_dictionary=["shard"])
     except (pa.ArrowException, OSError) as e:
         raise HakubooruError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
     if table.num_rows == 0:
@@ -73,7 +74,7 @@ def load_index(shards_dir) -> ShardIndex:
     if absent:
         raise HakubooruError(f"{root}: {len(absent)} shard(s) named in index.parquet are "
                              f"missing, e.g. {absent[0]}")
-    col = {c: table.column(c).to_numpy() for c in INDEX_COLUMNS if c != "shard"}
+    col = {c: table.column(c).to_numpy() for c in INDEX_COLUMNS + tuple(text) if c != "shard"}
     if np.any(np.diff(col["id"]) <= 0):
         raise HakubooruError(f"{path} is not sorted by unique id")
     return ShardIndex(
@@ -82,7 +83,8 @@ def load_index(shards_dir) -> ShardIndex:
         **{c: col[c].astype(np.int64) for c in ("image_offset", "image_size", "json_offset",
                                                 "json_size")},
         width=col["width"].astype(np.int32), height=col["height"].astype(np.int32),
-        fingerprint=_fingerprint(root))
+        fingerprint=_fingerprint(root),
+        **{c: col[c].astype(np.int64) for c in text})
 
 
 def _fingerprint(root: Path) -> str:
@@ -159,7 +161,8 @@ class BatchDataset(torch.utils.data.Dataset):
     def __init__(self, shards_dir, index: ShardIndex, plan: BatchPlan, *, rank: int = 0,
                  world_size: int = 1, seed: int | None = None, epoch: int | None = None,
                  random_crop: bool = False, shuffle_tags: bool = True, tag_dropout: float = 0.15,
-                 protect_quality_year_rating: bool = False, separator: str = ", "):
+                 protect_quality_year_rating: bool = False, separator: str = ", ",
+                 keep_tokens: int = 0, keep_separator: str | None = "|||"):
         if world_size <= 0 or not 0 <= rank < world_size:
             raise HakubooruError(f"rank {rank} is not in a world of size {world_size}")
         if plan.global_batch % world_size:
@@ -175,6 +178,10 @@ class BatchDataset(torch.utils.data.Dataset):
         self.caption_options = dict(shuffle=shuffle_tags, drop=tag_dropout,
                                     protect_quality_year_rating=protect_quality_year_rating,
                                     separator=separator)
+        # for samples with a caption text and no caption record (webdataset folders from
+        # other tools, indexed by `python -m hakubooru index`)
+        self.text_options = dict(shuffle=shuffle_tags, drop=tag_dropout, keep_tokens=keep_tokens,
+                                 keep_separator=keep_separator, separator=separator)
 
     def __len__(self) -> int:
         return len(self.plan)
@@ -187,27 +194,40 @@ class BatchDataset(torch.utils.data.Dataset):
         captions = []
         for j, row in enumerate(rows):
             record, image = self._read(int(row))
-            captions.append(augment_caption(record, seed=self.seed, epoch=self.epoch,
-                                            **self.caption_options))
+            if isinstance(record, str):
+                captions.append(augment_text(record, seed=self.seed, epoch=self.epoch,
+                                             sample_id=int(self.index.ids[row]),
+                                             **self.text_options))
+            else:
+                captions.append(augment_caption(record, seed=self.seed, epoch=self.epoch,
+                                                **self.caption_options))
             u = uniform(self.seed, self.epoch, int(self.index.ids[row]), CROP_STREAM)
             pixels[j] = self._crop(image, bw, bh, u, time_ids[j])
         pixels.div_(127.5).sub_(1.0)
         return {"pixel_values": pixels, "captions": captions, "time_ids": time_ids,
                 "ids": torch.from_numpy(self.index.ids[rows])}
 
-    def _read(self, row: int) -> tuple[dict, Image.Image]:
+    def _read(self, row: int) -> tuple[dict | str, Image.Image]:
+        """The sample's caption record (a dict) — or, without one, its caption text — and image."""
         ix = self.index
         name = ix.shard_names[ix.shard[row]]
         where = f"post {ix.ids[row]} in {name}"
+        record = raw_text = None
         with open(self.root / name, "rb") as f:
-            f.seek(ix.json_offset[row])
-            raw_json = f.read(ix.json_size[row])
+            if ix.json_size[row] >= 0:
+                f.seek(ix.json_offset[row])
+                raw_json = f.read(ix.json_size[row])
+                try:
+                    record = json.loads(raw_json)
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    raise HakubooruError(f"{where}: its .json record is not valid JSON") from None
+            if not _is_record(record) and ix.txt_size is not None and ix.txt_size[row] >= 0:
+                f.seek(ix.txt_offset[row])
+                raw_text = f.read(ix.txt_size[row])
             f.seek(ix.image_offset[row])
             raw_image = f.read(ix.image_size[row])
-        try:
-            record = json.loads(raw_json)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise HakubooruError(f"{where}: its .json record is not valid JSON") from None
+        if not _is_record(record):
+            record = _caption_text(raw_text, record, where)
         try:
             image = Image.open(io.BytesIO(raw_image))
             image.load()
@@ -228,6 +248,23 @@ class BatchDataset(torch.utils.data.Dataset):
                                 mode="bicubic", antialias=True)
         time_ids.copy_(torch.tensor([h, w, top, left, bh, bw], dtype=torch.float32))
         return resized[0, :3, top:top + bh, left:left + bw]
+
+
+def _is_record(record) -> bool:
+    """A caption record (hakubooru's .json): a dict with every caption group."""
+    return isinstance(record, dict) and all(g in record for g in GROUPS)
+
+
+def _caption_text(raw_text: bytes | None, other_json, where: str) -> str:
+    """The caption of a sample without a caption record: its .txt, else a "caption" string in
+    its .json (img2dataset writes one), else empty."""
+    if raw_text is not None:
+        try:
+            return raw_text.decode("utf-8")
+        except UnicodeDecodeError:
+            raise HakubooruError(f"{where}: its .txt caption is not UTF-8 text") from None
+    caption = other_json.get("caption") if isinstance(other_json, dict) else None
+    return caption if isinstance(caption, str) else ""
 
 
 def _pixels(image: Image.Image) -> torch.Tensor:

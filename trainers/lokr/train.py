@@ -333,7 +333,9 @@ def _loop(run: Run) -> dict:
             dataset = BatchDataset(run.shards, run.index, plan, rank=d.rank, world_size=d.world_size,
                                    seed=tc["seed"], epoch=p.epoch, random_crop=dc["random_crop"],
                                    shuffle_tags=dc["shuffle_tags"], tag_dropout=dc["tag_dropout"],
-                                   protect_quality_year_rating=dc["protect_quality_year_rating"])
+                                   protect_quality_year_rating=dc["protect_quality_year_rating"],
+                                   keep_tokens=dc["keep_tokens"],
+                                   keep_separator=dc["keep_separator"] or None)
             batches = iter(make_loader(dataset, start=p.cursor, workers=dc["workers"]))
             while p.step < run.total_steps and p.cursor < usable:
                 step_time = time.perf_counter()

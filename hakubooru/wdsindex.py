@@ -1,0 +1,177 @@
+"""Index a webdataset folder written by any tool (img2dataset, webdataset.TarWriter, ...) so
+the trainer reads it: ``index.parquet`` + ``manifest.json`` beside the tars, which are only read.
+
+Samples are grouped as webdataset groups them: a member ``dir/name.ext.more`` has the key
+``dir/name`` and the extension ``ext.more`` (lowercased). A sample needs one image member
+(jpg, jpeg, png, webp, avif, bmp; the first in extension order if several); its ``txt`` and
+``json`` members are indexed when present (offset and size -1 when absent). Samples without
+an image, or whose image header cannot be read, are skipped, counted and listed in
+``skipped.parquet``.
+
+Ids: ``int(key)`` when every key is a number of at most 18 digits and no two are equal
+(img2dataset's ``000000123``), else the sample's position in shard and member order; the key
+itself is the ``key`` column. Only the top-level ``*.tar`` files are indexed (sorted by name);
+compressed shards cannot be read by offset.
+"""
+from __future__ import annotations
+
+import io
+import re
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import xxhash
+from PIL import Image
+from tqdm import tqdm
+
+from .errors import HakubooruError
+from .images import IMAGE_EXTS, BadImage, _webp_frame_size
+from .manifest import (FORMAT, INDEX_SCHEMA, MANIFEST_FILE, SKIPPED_FILE, dump_json, read_json,
+                       write_atomic, write_parquet)
+from .shardfolder import INDEX_FILE, shard_folder
+from .shardwriter import CHECKSUM, file_checksum
+
+WDS_FORMAT = "hakubooru-webdataset-index/1"
+WDS_INDEX_SCHEMA = INDEX_SCHEMA.append(pa.field("key", pa.string()))
+WDS_SKIPPED_SCHEMA = pa.schema([("key", pa.string()), ("shard", pa.string()),
+                                ("reason", pa.string())])
+_KEY = re.compile(r"^((?:.*/|)[^./]+)[.]([^/]*)$")  # webdataset's base_plus_ext
+_NUMBER = re.compile(r"^\d{1,18}$")
+_HEAD = 1 << 16  # bytes tried first for an image's size
+_INT_COLUMNS = ("image_offset", "image_size", "txt_offset", "txt_size", "json_offset",
+                "json_size", "width", "height")
+
+
+def index_webdataset(folder, progress: bool = True) -> dict:
+    """Write ``index.parquet``, ``skipped.parquet`` and ``manifest.json`` for the webdataset
+    shards ``folder/*.tar``; returns the manifest. Prints one line of counts."""
+    started = time.perf_counter()
+    root = shard_folder(folder, need_index=False)
+    existing = read_json(root / MANIFEST_FILE)
+    if existing is not None and existing.get("format") == FORMAT:
+        raise HakubooruError(f"{root} was written by `python -m hakubooru build` and is indexed "
+                             "already")
+    for name in (MANIFEST_FILE, INDEX_FILE):
+        if (root / name).exists() and (existing or {}).get("format") != WDS_FORMAT:
+            raise HakubooruError(f"{root / name} exists and was not written by `python -m "
+                                 "hakubooru index`; move it away to index this folder")
+    tars = sorted(p for p in root.iterdir() if p.is_file() and p.name.endswith(".tar"))
+    if not tars:
+        compressed = sorted(p.name for p in root.glob("*.tar.*"))
+        hint = (f" ({compressed[0]} is compressed: samples cannot be read by offset; "
+                "decompress the shards)") if compressed else ""
+        raise HakubooruError(f"{root} holds no .tar shards{hint}")
+
+    parts, skipped, shards = [], [], []
+    for tar_path in tqdm(tars, desc="indexing shards", unit="shard", disable=not progress):
+        found, lost = _scan(tar_path)
+        parts.append(found)
+        skipped.extend(lost)
+        shards.append({"name": tar_path.name, "samples": len(found["key"]),
+                       "size": tar_path.stat().st_size, CHECKSUM: file_checksum(tar_path)})
+    columns = {name: np.concatenate([p[name] for p in parts]) for name in _INT_COLUMNS}
+    keys = [k for p in parts for k in p["key"]]
+    columns["ext"] = [e for p in parts for e in p["ext"]]
+    numeric = all(_NUMBER.match(k) for k in keys) and len({int(k) for k in keys}) == len(keys)
+    ids = (np.array([int(k) for k in keys], np.int64) if numeric
+           else np.arange(len(keys), dtype=np.int64))
+    order = np.argsort(ids, kind="stable")
+    columns.update(id=ids, key=keys, shard=[n for p in parts for n in [p["shard"]] * len(p["key"])])
+    table = pa.table({name: pa.array(columns[name]) for name in WDS_INDEX_SCHEMA.names})
+    table = table.cast(WDS_INDEX_SCHEMA).take(pa.array(order))
+    write_parquet(root / INDEX_FILE, table)
+    write_parquet(root / SKIPPED_FILE, pa.table(
+        {name: [s[i] for s in skipped] for i, name in enumerate(WDS_SKIPPED_SCHEMA.names)},
+        schema=WDS_SKIPPED_SCHEMA))
+    with_txt = int(np.count_nonzero(columns["txt_size"] >= 0))
+    with_json = int(np.count_nonzero(columns["json_size"] >= 0))
+    reasons: dict[str, int] = {}
+    for _, _, reason in skipped:
+        reasons[reason] = reasons.get(reason, 0) + 1
+    manifest = {
+        "format": WDS_FORMAT,
+        "ids": "keys" if numeric else "positions",
+        "counts": {"written": len(keys), "skipped": len(skipped), "skipped_by_reason": reasons,
+                   "with_txt": with_txt, "with_json": with_json},
+        "shards": shards,
+        "files": {"index": INDEX_FILE, "skipped": SKIPPED_FILE},
+    }
+    manifest["fingerprint"] = "xxh3_128:" + xxhash.xxh3_128(dump_json(manifest)).hexdigest()
+    write_atomic(root / MANIFEST_FILE, dump_json(manifest))
+    c = manifest["counts"]
+    print(f"{root}: indexed {len(tars)} shards; {c['written']} samples ({c['with_txt']} with "
+          f".txt, {c['with_json']} with .json), {c['skipped']} skipped"
+          + (f" ({', '.join(f'{r} {n}' for r, n in sorted(reasons.items()))})" if reasons else "")
+          + f"; ids from {manifest['ids']}; in {time.perf_counter() - started:.1f} s",
+          file=sys.stderr)
+    return manifest
+
+
+def _scan(path: Path) -> tuple[dict, list[tuple]]:
+    """The samples of one tar (in member order) as columns — ``key``, ``ext`` lists, ``shard``,
+    NumPy int64 arrays for the rest — and the skipped ones (key, shard, reason)."""
+    groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+    try:
+        tar = tarfile.open(path, "r:")
+    except (tarfile.TarError, OSError) as e:
+        raise HakubooruError(f"{path}: cannot read as an uncompressed tar ({e})") from None
+    with tar:
+        try:
+            for member in tar:
+                match = _KEY.match(member.name)
+                if member.isfile() and match:
+                    groups.setdefault(match.group(1), {}).setdefault(match.group(2).lower(), member)
+        except (tarfile.TarError, OSError):
+            raise HakubooruError(f"{path}: the tar is damaged or cut short; repair or remove "
+                                 "it") from None
+    found = {"key": [], "ext": [], "shard": path.name}
+    ints = {name: [] for name in _INT_COLUMNS}
+    skipped = []
+    with open(path, "rb") as f:
+        for key, members in groups.items():
+            image_exts = sorted(e for e in members if e in IMAGE_EXTS)
+            if not image_exts:
+                skipped.append((key, path.name, "no_image"))
+                continue
+            image = members[image_exts[0]]
+            size = _image_size(f, image)
+            if size is None:
+                skipped.append((key, path.name, "corrupt"))
+                continue
+            found["key"].append(key)
+            found["ext"].append(image_exts[0])
+            values = {"image_offset": image.offset_data, "image_size": image.size,
+                      "width": size[0], "height": size[1]}
+            for name in ("txt", "json"):
+                m = members.get(name)
+                values[f"{name}_offset"] = m.offset_data if m else -1
+                values[f"{name}_size"] = m.size if m else -1
+            for name in _INT_COLUMNS:
+                ints[name].append(values[name])
+    found.update({name: np.array(v, np.int64) for name, v in ints.items()})
+    return found, skipped
+
+
+def _image_size(f, member: tarfile.TarInfo) -> tuple[int, int] | None:
+    """(width, height) from the image's header: a WebP's first chunk header (Pillow would
+    build a libwebp decoder on the whole file), else Pillow on the first 64 KiB, else on all."""
+    f.seek(member.offset_data)
+    head = f.read(min(30, member.size))
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP" and len(head) == 30:
+        try:
+            return _webp_frame_size(head[12:16], head[20:30])
+        except BadImage:
+            return None
+    for length in (min(_HEAD, member.size), member.size):
+        f.seek(member.offset_data)
+        try:
+            with Image.open(io.BytesIO(f.read(length))) as im:
+                return im.size
+        except (OSError, SyntaxError, ValueError):
+            if length == member.size:
+                return None
+    return None

@@ -1,0 +1,75 @@
+"""The command blocks README.md and docs/shards.md mark with
+``<!-- commands: tests/test_docs_commands.py -->``, run as written, each line in a fresh
+process, from an empty folder (``wds/``: shards written by webdataset.TarWriter first)."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+
+from tests.shardfactory import CLASSES, _image
+
+REPO = Path(__file__).resolve().parents[1]
+MARK = "<!-- commands: tests/test_docs_commands.py -->"
+
+
+def marked_commands(doc: str) -> list[list[str]]:
+    """The command lines of every marked block of a document (one list per block)."""
+    text = (REPO / doc).read_text()
+    blocks = re.findall(re.escape(MARK) + r"\n```(?:sh|bash)\n(.*?)```", text, re.S)
+    assert len(blocks) == text.count(MARK)
+    return [[line for line in b.replace("\\\n", " ").splitlines() if line.strip()] for b in blocks]
+
+
+def run_lines(lines, cwd):
+    env = {**os.environ, "PYTHONPATH": str(REPO),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "HAKUBOORU_TARINDEX_CACHE": str(cwd / ".cache")}
+    outputs = []
+    for line in lines:
+        done = subprocess.run(["bash", "-c", line], cwd=cwd, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, f"{line}\n{done.stderr[-3000:]}"
+        outputs.append(done)
+    return outputs
+
+
+def write_wds(folder: Path, n: int = 12) -> None:
+    """A webdataset folder as another tool writes it: png + txt per sample."""
+    folder.mkdir()
+    with wds.TarWriter(str(folder / "00000.tar")) as sink:
+        for i in range(n):
+            buf = io.BytesIO()
+            cls = list(CLASSES)[i % 4]
+            _image(cls, 64, 64 + 32 * (i % 2), True, np.random.default_rng(i)).save(buf, "PNG")
+            sink.write({"__key__": f"{i:06d}", "png": buf.getvalue(), "txt": f"{cls}, tag{i % 3}, sky"})
+
+
+def test_docs_shards_walkthrough(tmp_path):
+    demo, foreign = marked_commands("docs/shards.md")
+    outputs = run_lines(demo, tmp_path)
+    assert "num_rows" in outputs[3].stdout
+    assert " ||| " in outputs[4].stdout  # the first sample's caption, keep separator included
+    images = [p for p in (tmp_path / "train" / "2_danbooru").iterdir() if p.suffix != ".txt"]
+    meta = json.loads((tmp_path / "train" / "meta.json").read_text())
+    assert len(meta) == len(images) > 100
+    write_wds(tmp_path / "wds")
+    run_lines(foreign, tmp_path)
+    assert (tmp_path / "wds" / "index.parquet").is_file()
+    assert (tmp_path / "runs" / "wds" / "lokr.safetensors").is_file()
+
+
+def test_readme_shard_commands(tmp_path):
+    (lines,) = marked_commands("README.md")
+    demo, _ = marked_commands("docs/shards.md")
+    run_lines(demo[:3], tmp_path)  # the README's out/ comes from the build above
+    write_wds(tmp_path / "wds")
+    run_lines(lines, tmp_path)
+    assert (tmp_path / "train" / "2_danbooru").is_dir() and (tmp_path / "wds" / "manifest.json").is_file()
