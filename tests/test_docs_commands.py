@@ -1,4 +1,4 @@
-"""The command blocks README.md and docs/shards.md mark with
+"""The command blocks README.md, docs/shards.md and docs/lokr.md mark with
 ``<!-- commands: tests/test_docs_commands.py -->``, run as written, each line in a fresh
 process, from an empty folder (``wds/``: shards written by webdataset.TarWriter first)."""
 from __future__ import annotations
@@ -73,3 +73,15 @@ def test_readme_shard_commands(tmp_path):
     write_wds(tmp_path / "wds")
     run_lines(lines, tmp_path)
     assert (tmp_path / "train" / "2_danbooru").is_dir() and (tmp_path / "wds" / "manifest.json").is_file()
+
+
+def test_docs_lokr_file_workflow(tmp_path):
+    from tests.shardfactory import make_test_shards
+
+    (lines,) = marked_commands("docs/lokr.md")
+    make_test_shards(tmp_path / "out", n=12)
+    outputs = run_lines(lines, tmp_path)
+    assert "(diffusers naming, 186 modules)" in outputs[1].stdout
+    assert "diffusers naming" in outputs[2].stderr and (tmp_path / "merged.safetensors").is_file()
+    assert "initialised the LoKr from run/lokr.safetensors: 186 modules, sd-scripts naming" in outputs[3].stderr
+    assert (tmp_path / "rev2" / "lokr.safetensors").is_file()
