@@ -15,6 +15,7 @@ COMMANDS = {
     "select": "evaluate a selection and save it as Parquet",
     "caption": "caption a selection into a Parquet table",
     "build": "build webdataset shards from a selection and image archives",
+    "report": "write an HTML report about a built shard folder",
 }
 
 
