@@ -94,16 +94,20 @@ class _TokenLengths:
                 for tag, enc in zip(new, self._tok.encode_batch(texts, add_special_tokens=False)):
                     table[tag] = len(enc.ids)
 
-    def ends(self, tags: list[str]) -> tuple[int, np.ndarray]:
-        """(tokens of the caption, for each tag the token count up to the end of its own text,
-        its separator left out)."""
+    def length(self, tags: list[str]) -> int:
+        """Tokens of the caption ``", ".join(tags)``."""
         if not tags:
-            return 0, np.zeros(0, dtype=np.int64)
-        alone = np.fromiter((self.alone[t] for t in tags), dtype=np.int64, count=len(tags))
-        used = np.fromiter((self.with_comma[t] for t in tags), dtype=np.int64, count=len(tags))
-        used[-1] = alone[-1]
-        before = np.cumsum(used) - used
-        return int(before[-1] + used[-1]), before + alone
+            return 0
+        last = tags[-1]
+        return sum(map(self.with_comma.__getitem__, tags)) - self.with_comma[last] + self.alone[last]
+
+    def ends(self, tags: list[str]) -> list[int]:
+        """For each tag, the caption's tokens up to the end of its own text (its comma left out)."""
+        out, before = [], 0
+        for t in tags:
+            out.append(before + self.alone[t])
+            before += self.with_comma[t]
+        return out
 
 
 def collect(shards_dir, *, config: str | None = None, world_size: int = 1, db=None,
@@ -185,35 +189,39 @@ class _Accumulator:
 
     def add(self, records: list[dict], where: str) -> None:
         captions = []
+        tags_of = self.tags
         for rec in records:
             try:
                 self.rating[rec["rating"] or "unknown"] += 1
                 self.year[rec["year"][0] if rec["year"] else "none"] += 1
                 self.quality[rec["quality"][0] if rec["quality"] else "none"] += 1
                 keep = rec["keep"]
-                self.tags["general"].update(rec["general"])
-                self.tags["meta"].update(rec["meta"])
-                captions.append([(t, g) for g in CAPTION_GROUPS for t in rec[g]])
+                tags_of["general"].update(rec["general"])
+                tags_of["meta"].update(rec["meta"])
+                captions.append(keep + rec["general"] + rec["quality"] + rec["year"] + rec["meta"]
+                                + rec["rating_tags"])
             except (KeyError, TypeError, IndexError):
                 raise HakubooruError(f"post {rec.get('id', '?') if isinstance(rec, dict) else '?'} in "
                                      f"{where}: its .json record lacks the caption groups "
                                      f"({', '.join(CAPTION_GROUPS)})") from None
             if self.tag_types is None:
                 for t in keep:
-                    self.tags["people" if t in _PEOPLE else _KEEP_REST][t] += 1
+                    tags_of["people" if t in _PEOPLE else _KEEP_REST][t] += 1
             else:
                 for t in keep:
                     kind = "people" if t in _PEOPLE else self.tag_types.get(t, "unknown")
-                    self.tags.get(kind, self.tags["unknown"])[t] += 1
-        self.tokens.learn(t for cap in captions for t, _ in cap)
-        for cap in captions:
-            n, ends = self.tokens.ends([t for t, _ in cap])
-            self.lengths.append(n)
+                    tags_of.get(kind, tags_of["unknown"])[t] += 1
+        tokens = self.tokens
+        tokens.learn(t for cap in captions for t in cap)
+        lengths = list(map(tokens.length, captions))
+        self.lengths.extend(lengths)
+        for rec, cap, n in zip(records, captions, lengths):
             if n > self.limit:
                 self.cut_captions += 1
                 self.cut_tokens += n - self.limit
+                groups = [g for g in CAPTION_GROUPS for _ in rec[g]]
                 # a tag is cut when its own text (not just its comma) reaches past the limit
-                self.cut_tags.update(g for (_, g), end in zip(cap, ends.tolist()) if end > self.limit)
+                self.cut_tags.update(g for g, end in zip(groups, tokens.ends(cap)) if end > self.limit)
 
     def result(self) -> dict:
         lengths = np.asarray(self.lengths, dtype=np.int64)
