@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from hakubooru.errors import HakubooruError
 from hakubooru.rng import hash64
-from trainers.lokr import models
+from trainers.lokr import models, sampling
 from trainers.lokr.bucketing import make_buckets
 from trainers.lokr.config import check_resume_config, config_fingerprint, config_json
 from trainers.lokr.data import BatchDataset, BatchPlan, load_index, make_loader
@@ -356,13 +356,15 @@ def _loop(run: Run) -> dict:
                 finite_micro = d.world_size * accum - float(totals[1])
                 loss_value = float(totals[0]) / finite_micro if finite_micro else float("nan")
                 images_per_s = images_per_step / (time.perf_counter() - step_time)
+                samples = sampling.maybe_render(run, p.step)  # {} unless due; rank 0 renders
                 if d.is_main:
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps({"step": p.step, "epoch": p.epoch, "loss": _finite_or_none(loss_value),
                                             "lr_unet": group_lr(optimizer, "unet"),
                                             "lr_text": group_lr(optimizer, "text"),
                                             "grad_norm": _finite_or_none(grad_norm),
-                                            "images_per_s": images_per_s, "skipped": p.skipped}) + "\n")
+                                            "images_per_s": images_per_s, "skipped": p.skipped,
+                                            **samples}) + "\n")
                     bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{optimizer.param_groups[-1]['lr']:.2e}",
                                     img_s=f"{images_per_s:.2f}", refresh=False)
                     bar.update(1)
