@@ -21,6 +21,7 @@ th { background: #f3f3f3; }
 .row { display: flex; flex-wrap: wrap; gap: 1.5em; align-items: flex-start; }
 .note { color: #555; font-size: .9em; }
 img.chart { max-width: 100%; }
+img.sheet { max-width: 100%; min-width: 384px; image-rendering: pixelated; }
 code { background: #f3f3f3; padding: 0 3px; }
 """
 
