@@ -25,7 +25,7 @@ BUNDLED = sorted(p.stem for p in CONFIG_DIR.glob("*.toml"))
 
 # Keys whose change cannot alter the result of a resumed run: accepted on resume without a flag.
 FREE_ON_RESUME = {"data.workers", "train.save_every", "train.keep_states", "train.checkpoint_every",
-                  "train.max_nonfinite_in_row", "sample.every", "sample.sampler", "sample.width",
+                  "train.max_nonfinite_in_row", "train.log_with", "sample.every", "sample.sampler", "sample.width",
                   "sample.height", "sample.steps", "sample.guidance", "sample.negative_prompt",
                   "sample.prompts"}
 # Keys that only decide how long the run goes on: accepted on resume with --allow-config-change.
@@ -34,6 +34,7 @@ SAFE_ON_RESUME = {"train.max_steps", "train.epochs"}
 _CHOICES = {
     "train.mixed_precision": ("fp16", "bf16", "no"),
     "optimizer.name": ("Lion8bit",),
+    "train.log_with": ("", "tensorboard"),
     "lokr.save_dtype": ("fp16", "bf16", "fp32"),
     "sample.sampler": ("EulerAncestralDiscreteScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler",
                        "DDIMScheduler", "UniPCMultistepScheduler", "HeunDiscreteScheduler"),
