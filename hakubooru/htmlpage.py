@@ -93,7 +93,7 @@ def bar_chart(labels, values, title: str, *, horizontal: bool = False, xlabel: s
 
 def histogram(values, bins, title: str, xlabel: str, *, log_x: bool = False) -> str:
     """A histogram of ``values`` as an <img> tag."""
-    fig, ax = figure()
+    fig, ax = figure(5.4, 3.0)
     ax.hist(values, bins=bins, color="#4c72b0")
     if log_x:
         ax.set_xscale("log")

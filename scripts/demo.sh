@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The README's first command: set up, then run the whole pipeline on built-in demo data —
 # synthetic database + image archives -> epsilon selection -> captions -> shards -> a short
-# CPU training of the tiny SDXL-shaped model with LoKr.
+# CPU training of the tiny SDXL-shaped model with LoKr (sample images every 10 steps), and the
+# two reports: the dataset's (demo/report.html) and the training curves (demo/train/report.html).
 source "$(dirname "$0")/setup.sh"
 python examples/epsilon_selection.py --workdir demo --out demo/out
-python -m trainers.lokr --config tiny --shards demo/out --output demo/train --max-steps 20
+python -m hakubooru report demo/out --html demo/report.html --config tiny
+python -m trainers.lokr --config tiny --shards demo/out --output demo/train --max-steps 20 --set sample.every=10
+python -m trainers.lokr report demo/train

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -201,3 +202,30 @@ def test_bad_folder_is_one_error_line(tmp_path):
     (tmp_path / "out" / "index.parquet").write_bytes(b"not parquet")
     proc = run_report(tmp_path / "out")
     assert proc.returncode == 2 and proc.stderr.startswith("error: cannot read") and "Traceback" not in proc.stderr
+
+
+def test_buckets_on_two_gpus_by_hand(tmp_path):
+    # same 22 / 21 / 21 samples, global batch 2 × 2 = 4: 5 + 5 + 5 full batches, 2 + 1 + 1 left
+    # over; 15 batches / grad_accum 2 = 7 steps, 1 batch (4 samples) idle
+    shards = make_test_shards(tmp_path / "out", n=64, sizes=((64, 64), (128, 40), (40, 128)),
+                              learnable=False)
+    proc = run_report(shards.dir, "--html", tmp_path / "r.html", "--config", "tiny", "--gpus", "2",
+                      "--json", tmp_path / "r.json", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    rows = {r[0]: [int(x) for x in r[3:]] for r in Tables((tmp_path / "r.html").read_text()).tables["buckets"]}
+    assert rows == {"64×64": [22, 5, 2], "96×32": [21, 5, 1], "32×96": [21, 5, 1]}
+    b = json.loads((tmp_path / "r.json").read_text())["buckets"]
+    assert (b["global_batch"], b["steps_per_epoch"], b["sit_out"], b["sit_out_batches"]) == (4, 7, 4, 4)
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed (apt-get install chromium)")
+def test_screenshot_script(tmp_path):
+    page = tmp_path / "p.html"
+    page.write_text("<html><body style='background:#c00'><h1>hi</h1></body></html>")
+    out = tmp_path / "shot.png"
+    proc = subprocess.run([str(ROOT / "scripts" / "screenshot.sh"), str(page), str(out), "400,300"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    from PIL import Image
+    with Image.open(out) as im:
+        assert im.size == (400, 300) and im.convert("RGB").getpixel((390, 290)) == (204, 0, 0)
