@@ -64,7 +64,7 @@ def _read_index(root: Path) -> pa.Table:
                              "`python -m hakubooru build`?")
     try:
         return pq.read_table(path, columns=["id", "shard", "json_offset", "json_size", "width",
-                                            "height"])
+                                            "height"], read_dictionary=["shard"])
     except (pa.ArrowException, OSError) as e:
         raise HakubooruError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
 
@@ -111,12 +111,14 @@ class _TokenLengths:
 
 
 def collect(shards_dir, *, config: str | None = None, world_size: int = 1, db=None,
-            progress: bool = True) -> dict:
+            workers: int = 1, progress: bool = True) -> dict:
     """The report's numbers for a shard folder, as a JSON-able dict. ``config``: a trainer
     config (bundled name or TOML path) for the bucket statistics at ``world_size`` GPUs;
     ``db``: the database (path or handle) to split the keep tags into character, copyright
-    and artist."""
+    and artist; ``workers``: processes reading the records (the result does not depend on it)."""
     root = Path(shards_dir)
+    if workers < 1:
+        raise HakubooruError(f"--workers must be ≥ 1, got {workers}")
     table = _read_index(root)
     if table.num_rows == 0:
         raise HakubooruError(f"{root / INDEX_FILE} has no samples")
@@ -125,41 +127,42 @@ def collect(shards_dir, *, config: str | None = None, world_size: int = 1, db=No
     cfg = _trainer_config(config) if config else None
     max_windows = cfg["data"]["max_windows"] if cfg else 3
 
-    stats = _Accumulator(tag_types, max_windows)
-    shard = table.column("shard").to_numpy(zero_copy_only=False)
+    shard = table.column("shard").combine_chunks()
+    names = [str(n) for n in shard.dictionary.to_pylist()]
+    codes = shard.indices.to_numpy()
     offsets = table.column("json_offset").to_numpy()
     sizes = table.column("json_size").to_numpy()
     ids = table.column("id").to_numpy()
-    order = np.lexsort((offsets, shard))  # shard by shard, in file order
-    bounds = np.flatnonzero(np.r_[True, shard[order][1:] != shard[order][:-1], True])
+    order = np.lexsort((offsets, codes))  # shard by shard, in file order
+    bounds = np.flatnonzero(np.r_[True, codes[order][1:] != codes[order][:-1], True])
+    tasks = [(str(root / names[codes[order[a]]]), offsets[order[a:b]], sizes[order[a:b]], ids[order[a:b]])
+             for a, b in zip(bounds[:-1], bounds[1:])]
+    chunks = [tasks[i:i + _SHARDS_PER_TASK] for i in range(0, len(tasks), _SHARDS_PER_TASK)]
+    stats = _Accumulator(tag_types, max_windows)
     bar = tqdm(total=len(order), unit="rec", disable=not progress, desc="records")
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        rows = order[a:b]
-        name = str(shard[rows[0]])
-        try:
-            fd = os.open(root / name, os.O_RDONLY)
-        except FileNotFoundError:
-            raise HakubooruError(f"{root / name} is named in {INDEX_FILE} but missing") from None
-        try:
-            records = []
-            for r in rows.tolist():
-                raw = os.pread(fd, int(sizes[r]), int(offsets[r]))
-                try:
-                    records.append(json.loads(raw))
-                except (ValueError, UnicodeDecodeError):
-                    raise HakubooruError(f"post {ids[r]} in {root / name}: its .json record is not "
-                                         "valid JSON; rebuild the shard") from None
-        finally:
-            os.close(fd)
-        stats.add(records, f"{root / name}")
-        bar.update(len(rows))
-    bar.close()
+    if workers == 1 or len(chunks) == 1:
+        _init_worker(tag_types, max_windows)
+        parts = map(_scan, chunks)
+        pool = None
+    else:
+        import multiprocessing
+
+        pool = multiprocessing.get_context("spawn").Pool(min(workers, len(chunks)), _init_worker,
+                                                         (tag_types, max_windows))
+        parts = pool.imap(_scan, chunks)  # in order: the merged counts do not depend on it anyway
+    try:
+        for part in parts:
+            stats.merge(part)
+            bar.update(part.samples)
+    finally:
+        if pool is not None:
+            pool.terminate()
+        bar.close()
 
     width = table.column("width").to_numpy().astype(np.int64)
     height = table.column("height").to_numpy().astype(np.int64)
     out = {
-        "folder": str(root), "samples": table.num_rows,
-        "shards": len(set(shard.tolist())),
+        "folder": str(root), "samples": table.num_rows, "shards": len(tasks),
         **stats.result(),
         "images": _image_stats(width, height),
         "skipped": _skipped(root, manifest),
@@ -169,6 +172,39 @@ def collect(shards_dir, *, config: str | None = None, world_size: int = 1, db=No
     if cfg is not None:
         out["buckets"] = bucket_stats(root, cfg, config, world_size)
     return out
+
+
+_SHARDS_PER_TASK = 4
+_WORKER: dict = {}
+
+
+def _init_worker(tag_types, max_windows: int) -> None:
+    _WORKER.update(tag_types=tag_types, max_windows=max_windows, tokens=None)
+
+
+def _scan(tasks) -> "_Accumulator":
+    """The counts of some shards' records (in a worker process, or in this one)."""
+    if _WORKER["tokens"] is None:
+        _WORKER["tokens"] = _TokenLengths()
+    acc = _Accumulator(_WORKER["tag_types"], _WORKER["max_windows"])
+    for path, offsets, sizes, ids in tasks:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise HakubooruError(f"{path} is named in {INDEX_FILE} but missing") from None
+        try:
+            records = []
+            for offset, size, post_id in zip(offsets.tolist(), sizes.tolist(), ids.tolist()):
+                try:
+                    records.append(json.loads(os.pread(fd, size, offset)))
+                except (ValueError, UnicodeDecodeError):
+                    raise HakubooruError(f"post {post_id} in {path}: its .json record is not "
+                                         "valid JSON; rebuild the shard") from None
+        finally:
+            os.close(fd)
+        acc.add(records, path, _WORKER["tokens"])
+    acc.tag_types = None  # not sent back
+    return acc
 
 
 class _Accumulator:
@@ -181,13 +217,26 @@ class _Accumulator:
         self.rating, self.year, self.quality = Counter(), Counter(), Counter()
         cats = TAG_GROUPS + ("unknown",) if tag_types is not None else ("people", _KEEP_REST, "general", "meta")
         self.tags = {c: Counter() for c in cats}
-        self.lengths: list[int] = []
+        self.lengths = np.zeros(0, dtype=np.int64)  # samples per caption length
+        self.samples = 0
         self.cut_captions = 0
         self.cut_tokens = 0
         self.cut_tags = Counter()  # group -> tags whose text reaches past the limit
-        self.tokens = _TokenLengths()
 
-    def add(self, records: list[dict], where: str) -> None:
+    def merge(self, other: "_Accumulator") -> None:
+        """Add another accumulator's counts to these."""
+        for mine, theirs in ((self.rating, other.rating), (self.year, other.year), (self.quality, other.quality),
+                             (self.cut_tags, other.cut_tags)):
+            mine.update(theirs)
+        for cat, counter in other.tags.items():
+            self.tags[cat].update(counter)
+        n = max(len(self.lengths), len(other.lengths))
+        self.lengths = np.pad(self.lengths, (0, n - len(self.lengths))) + np.pad(other.lengths, (0, n - len(other.lengths)))
+        self.samples += other.samples
+        self.cut_captions += other.cut_captions
+        self.cut_tokens += other.cut_tokens
+
+    def add(self, records: list[dict], where: str, tokens: _TokenLengths) -> None:
         captions = []
         tags_of = self.tags
         for rec in records:
@@ -211,10 +260,11 @@ class _Accumulator:
                 for t in keep:
                     kind = "people" if t in _PEOPLE else self.tag_types.get(t, "unknown")
                     tags_of.get(kind, tags_of["unknown"])[t] += 1
-        tokens = self.tokens
         tokens.learn(t for cap in captions for t in cap)
         lengths = list(map(tokens.length, captions))
-        self.lengths.extend(lengths)
+        self.samples += len(lengths)
+        found = np.bincount(np.asarray(lengths, dtype=np.int64), minlength=len(self.lengths))
+        self.lengths = np.pad(self.lengths, (0, len(found) - len(self.lengths))) + found
         for rec, cap, n in zip(records, captions, lengths):
             if n > self.limit:
                 self.cut_captions += 1
@@ -224,7 +274,7 @@ class _Accumulator:
                 self.cut_tags.update(g for g, end in zip(groups, tokens.ends(cap)) if end > self.limit)
 
     def result(self) -> dict:
-        lengths = np.asarray(self.lengths, dtype=np.int64)
+        lengths = np.repeat(np.arange(len(self.lengths)), self.lengths)
         tags = {}
         for cat, counter in self.tags.items():
             counts = np.fromiter(counter.values(), dtype=np.int64, count=len(counter))
@@ -249,7 +299,7 @@ class _Accumulator:
                 "mean": float(lengths.mean()), "cut_captions": self.cut_captions,
                 "cut_tokens": self.cut_tokens,
                 "cut_tags": {g: self.cut_tags.get(g, 0) for g in CAPTION_GROUPS},
-                "histogram": np.bincount(lengths).tolist(),
+                "histogram": self.lengths.tolist(),
             },
         }
 

@@ -89,7 +89,7 @@ def demo_report(synth_demo, tmp_path_factory):
     db_path, images = synth_demo
     tmp = tmp_path_factory.mktemp("report")
     Selector.all().save(tmp / "all.parquet", open_db(db_path))
-    build_shards(db_path, images, tmp / "all.parquet", tmp / "out", shard_size=200,
+    build_shards(db_path, images, tmp / "all.parquet", tmp / "out", shard_size=40,
                  cache_dir=tmp / "cache", progress=False)
     proc = run_report(tmp / "out", "--html", tmp / "report.html", "--db", db_path, "--quiet")
     assert proc.returncode == 0, proc.stderr
@@ -109,6 +109,14 @@ def test_counts_on_the_page_match_the_shards(demo_report):
     assert sum(page.counts("aspect").values()) == len(records)
     assert page.images >= 8  # embedded charts
     assert f"{len(records):,} samples" in proc.stderr
+
+
+def test_two_workers_write_the_same_page(demo_report, synth_demo):
+    tmp, _, _, _ = demo_report
+    proc = run_report(tmp / "out", "--html", tmp / "report-2.html", "--db", synth_demo[0], "--workers", "2",
+                      "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp / "report-2.html").read_bytes() == (tmp / "report.html").read_bytes()
 
 
 def test_tag_tables_match_the_shards(demo_report, synth_demo):

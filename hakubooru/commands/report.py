@@ -20,6 +20,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--gpus", type=int, default=1, help="GPUs of that training (global batch = "
                                                             "GPUs × train.batch_size; default 1)")
     parser.add_argument("--db", help="danbooru2023.db, to split keep tags into character, copyright, artist")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="processes reading the records (default 1; the page does not depend on it)")
     parser.add_argument("--json", dest="json_out", help="also write the numbers as JSON here")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -30,7 +32,7 @@ def run(args) -> int:
 
     start = time.perf_counter()
     stats = collect(args.shards, config=args.config, world_size=args.gpus, db=args.db,
-                    progress=not args.quiet)
+                    workers=args.workers, progress=not args.quiet)
     out = Path(args.html) if args.html else Path(args.shards) / "report.html"
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(out, render(stats).encode("utf-8"))
