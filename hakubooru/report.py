@@ -87,12 +87,23 @@ class _TokenLengths:
         self.alone: dict[str, int] = {}
 
     def learn(self, tags) -> None:
-        """Tokenize the tags not seen before (in one batch)."""
+        """Tokenize the tags not seen before (in one batch). A tag ending in a letter or digit
+        is followed by the comma as a pre-token of its own (one more token); one ending in
+        punctuation may merge with it (``"),"``), so that form is tokenized too."""
         new = [t for t in set(tags) if t not in self.alone]
-        if new:
-            for table, texts in ((self.alone, new), (self.with_comma, [t + SEPARATOR.strip() for t in new])):
-                for tag, enc in zip(new, self._tok.encode_batch(texts, add_special_tokens=False)):
-                    table[tag] = len(enc.ids)
+        if not new:
+            return
+        for tag, enc in zip(new, self._tok.encode_batch(new, add_special_tokens=False)):
+            self.alone[tag] = len(enc.ids)
+        odd = []
+        for tag in new:
+            if tag[-1:].isalnum():
+                self.with_comma[tag] = self.alone[tag] + 1
+            else:
+                odd.append(tag)
+        comma = SEPARATOR.strip()
+        for tag, enc in zip(odd, self._tok.encode_batch([t + comma for t in odd], add_special_tokens=False)):
+            self.with_comma[tag] = len(enc.ids)
 
     def length(self, tags: list[str]) -> int:
         """Tokens of the caption ``", ".join(tags)``."""
