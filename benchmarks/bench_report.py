@@ -2,7 +2,7 @@
 the whole `python -m hakubooru report` (with --config epsilon --gpus 4), next to its floor in
 the same run: one positioned read + json.loads of every record, nothing counted.
 
-    python benchmarks/bench_report.py [--rows 5200000] [--skip-report]
+    python benchmarks/bench_report.py [--rows 5200000] [--workers 2] [--skip-report]
 
 The folder is made once in bench-data/report-<rows>/ (git-ignored): shards of 1,000 samples
 holding only the `.json` records (the report never reads images or captions; the index points
@@ -16,6 +16,7 @@ import argparse
 import io
 import json
 import os
+import resource
 import subprocess
 import sys
 import tarfile
@@ -122,12 +123,13 @@ def make_folder(rows: int) -> Path:
     return out
 
 
-def floor(folder: Path) -> float:
-    """Seconds to read and parse every record by the index, in file order, counting nothing."""
+def floor(folder: Path) -> tuple[float, float]:
+    """(wall, CPU) seconds to read and parse every record by the index, in file order,
+    counting nothing."""
     t = pq.read_table(folder / "index.parquet", columns=["shard", "json_offset", "json_size"])
     shard = t.column("shard").to_numpy(zero_copy_only=False)
     offsets, sizes = t.column("json_offset").to_numpy(), t.column("json_size").to_numpy()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     order = np.lexsort((offsets, shard))
     bounds = np.flatnonzero(np.r_[True, shard[order][1:] != shard[order][:-1], True])
     for a, b in tqdm(list(zip(bounds[:-1], bounds[1:])), unit="shard", desc="floor"):
@@ -135,30 +137,37 @@ def floor(folder: Path) -> float:
         for r in order[a:b].tolist():
             json.loads(os.pread(fd, int(sizes[r]), int(offsets[r])))
         os.close(fd)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=5_200_000)
+    ap.add_argument("--workers", type=int, default=2, help="report --workers (default 2)")
     ap.add_argument("--skip-report", action="store_true", help="only make the folder and time the floor")
     args = ap.parse_args()
     t0 = time.perf_counter()
     folder = make_folder(args.rows)
     print(f"folder {folder}: {args.rows:,} records ({time.perf_counter() - t0:.0f} s to make or find)")
-    base = floor(folder)
-    print(f"floor (read + json.loads every record): {base:.1f} s, {args.rows / base:,.0f} rec/s")
+    base, base_cpu = floor(folder)
+    print(f"floor (read + json.loads every record, 1 process): {base:.1f} s wall, {base_cpu:.1f} s CPU, "
+          f"{args.rows / base:,.0f} rec/s")
     if args.skip_report:
         return
     cmd = [sys.executable, "-m", "hakubooru", "report", str(folder), "--html", str(folder / "report.html"),
-           "--config", "epsilon", "--gpus", "4"]
+           "--config", "epsilon", "--gpus", "4", "--workers", str(args.workers)]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(ROOT)})
     took = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if proc.returncode:
         sys.exit(proc.returncode)
-    print(f"report (whole command, imports included): {took:.1f} s, {args.rows / took:,.0f} rec/s; "
-          f"{took / base:.2f}× the floor; page {(folder / 'report.html').stat().st_size:,} bytes")
+    print(f"report (whole command, imports included, --workers {args.workers}): {took:.1f} s wall, "
+          f"{cpu:.1f} s CPU (all its processes), {args.rows / took:,.0f} rec/s; {took / base:.2f}× the floor's "
+          f"wall, {cpu / base_cpu:.2f}× its CPU; peak RSS of one process {after.ru_maxrss / 1024:,.0f} MiB; "
+          f"page {(folder / 'report.html').stat().st_size:,} bytes")
 
 
 if __name__ == "__main__":
