@@ -17,6 +17,7 @@ COMMANDS = {
     "build": "build captioned webdataset shards from a selection and the image archives",
     "export": "write a shard folder as kohya-ss/sd-scripts training folders (.txt captions)",
     "index": "index a webdataset folder from another tool so the LoKr trainer can read it",
+    "report": "write an HTML report about a built shard folder (what is in it, buckets, caption lengths)",
 }
 
 DESCRIPTION = """\

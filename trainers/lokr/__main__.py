@@ -7,6 +7,7 @@
     python -m trainers.lokr --dry-run
     python -m trainers.lokr merge --pretrained sdxl/ --lokr run/lokr.safetensors --out merged.safetensors
     python -m trainers.lokr convert --lokr run/lokr.safetensors --to diffusers --out lokr-diffusers.safetensors
+    python -m trainers.lokr report run/ [--html curves.html]
 
 Errors in the input are one line (``error: ...``, exit status 2).
 """
@@ -72,6 +73,9 @@ def _main(argv: list) -> int:
     if argv[:1] == ["convert"]:
         from trainers.lokr import convert
         return convert.main(argv[1:]) or 0
+    if argv[:1] == ["report"]:
+        from trainers.lokr import report
+        return report.main(argv[1:]) or 0
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
     if args.dry_run:

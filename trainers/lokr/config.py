@@ -25,15 +25,20 @@ BUNDLED = sorted(p.stem for p in CONFIG_DIR.glob("*.toml"))
 
 # Keys whose change cannot alter the result of a resumed run: accepted on resume without a flag.
 FREE_ON_RESUME = {"data.workers", "train.save_every", "train.keep_states", "train.checkpoint_every",
-                  "train.max_nonfinite_in_row", "lokr.naming"}
+                  "train.max_nonfinite_in_row", "lokr.naming", "train.log_with", "sample.every", "sample.sampler",
+                  "sample.width", "sample.height", "sample.steps", "sample.guidance", "sample.negative_prompt",
+                  "sample.prompts"}
 # Keys that only decide how long the run goes on: accepted on resume with --allow-config-change.
 SAFE_ON_RESUME = {"train.max_steps", "train.epochs"}
 
 _CHOICES = {
     "train.mixed_precision": ("fp16", "bf16", "no"),
     "optimizer.name": ("Lion8bit",),
+    "train.log_with": ("", "tensorboard"),
     "lokr.save_dtype": ("fp16", "bf16", "fp32"),
     "lokr.naming": ("sd-scripts", "diffusers"),
+    "sample.sampler": ("EulerAncestralDiscreteScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler",
+                       "DDIMScheduler", "UniPCMultistepScheduler", "HeunDiscreteScheduler"),
 }
 # (dotted key, lowest allowed value, exclusive?)
 _LOWER_BOUNDS = [
@@ -47,7 +52,7 @@ _LOWER_BOUNDS = [
     ("train.save_every", 1, False), ("train.keep_states", 1, False),
     ("train.checkpoint_every", 1, False), ("optimizer.lr_unet", 0, True),
     ("optimizer.lr_text", 0, True), ("optimizer.weight_decay", 0, False),
-    ("optimizer.warmup_steps", 0, False),
+    ("optimizer.warmup_steps", 0, False), ("sample.every", 0, False),
 ]
 
 
@@ -134,9 +139,40 @@ def validate(cfg: dict) -> None:
     betas = flat["optimizer.betas"]
     if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):  # also NaN
         raise HakubooruError(f"config key 'optimizer.betas' must be two numbers in [0, 1) (got {betas!r})")
+    _validate_prompts(cfg["sample"])
     for key, value in flat.items():
         if key.startswith("lokr.factors.") and not (isinstance(value, int) and value >= 1):
             raise HakubooruError(f"config key '{key}' must be an integer ≥ 1 (got {value!r})")
+
+
+# per-prompt keys of [sample] -> (type, lowest value)
+_PROMPT_TYPES = {"prompt": (str, None), "negative_prompt": (str, None), "seed": (int, 0), "width": (int, 8),
+                 "height": (int, 8), "steps": (int, 1), "guidance": (float, 0.0)}
+
+
+def _validate_prompts(sample: dict) -> None:
+    """Each ``[[sample.prompts]]`` table: a ``prompt``, and only known keys of the right type;
+    sizes multiples of 8 (the VAE's downscale); the section's defaults checked the same way."""
+    for i, p in enumerate([sample] + list(sample["prompts"])):
+        where = "config [sample]" if i == 0 else f"config [[sample.prompts]] #{i}"
+        if i and not isinstance(p, dict):
+            raise HakubooruError(f"{where} must be a table with prompt = \"...\" (got {p!r})")
+        if i and not isinstance(p.get("prompt"), str):
+            raise HakubooruError(f"{where} needs prompt = \"...\"")
+        unknown = sorted(set(p) - set(_PROMPT_TYPES)) if i else []
+        if unknown:
+            raise HakubooruError(f"{where}: unknown key '{unknown[0]}' (known: {', '.join(_PROMPT_TYPES)})")
+        for key, (kind, low) in _PROMPT_TYPES.items():
+            if key not in p:
+                continue
+            value = p[key]
+            ok = isinstance(value, (int, float)) and math.isfinite(value) if kind is float else isinstance(value, kind)
+            if isinstance(value, bool) or not ok or (low is not None and value < low):
+                bound = f" ≥ {low}" if low is not None else ""
+                raise HakubooruError(f"{where}: '{key}' must be {'a number' if kind is float else kind.__name__}"
+                                     f"{bound} (got {value!r})")
+            if key in ("width", "height") and value % 8:
+                raise HakubooruError(f"{where}: '{key}' must be a multiple of 8 (got {value})")
 
 
 def load_config(name_or_path: str = "epsilon", overrides=()) -> dict:

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from hakubooru.errors import HakubooruError
 from hakubooru.rng import hash64
-from trainers.lokr import metadata, models
+from trainers.lokr import metadata, models, sampling
 from trainers.lokr.bucketing import make_buckets
 from trainers.lokr.config import check_resume_config, config_fingerprint, config_json
 from trainers.lokr.data import BatchDataset, BatchPlan, load_index, make_loader
@@ -29,6 +29,7 @@ from trainers.lokr.distributed import Dist, all_reduce_grads, all_reduce_sum, ba
 from trainers.lokr.naming import to_diffusers
 from trainers.lokr.network import create_lokr, init_from_lokr, lokr_param_groups, lokr_state_dict, save_lokr
 from trainers.lokr.state import load_latest_state, save_state, state_dir
+from trainers.lokr.tblog import ScalarLog
 from trainers.lokr.text import encode_prompts
 
 MIN_BITSANDBYTES = (0, 41, 1)  # 0.36.0–0.41.0 have the 8-bit dynamic-map bug
@@ -313,6 +314,7 @@ def _loop(run: Run) -> dict:
     metrics_path = run.output / "metrics.jsonl"
     if d.is_main:
         _trim_metrics(metrics_path, p.step)
+    scalars = ScalarLog(cfg, run.output, d.is_main, p.step)
 
     stop = {"signal": None}
     old_handlers = {}
@@ -377,13 +379,15 @@ def _loop(run: Run) -> dict:
                 finite_micro = d.world_size * accum - float(totals[1])
                 loss_value = float(totals[0]) / finite_micro if finite_micro else float("nan")
                 images_per_s = images_per_step / (time.perf_counter() - step_time)
+                samples = sampling.maybe_render(run, p.step)  # {} unless due; rank 0 renders
                 if d.is_main:
+                    line = {"step": p.step, "epoch": p.epoch, "loss": _finite_or_none(loss_value),
+                            "lr_unet": group_lr(optimizer, "unet"), "lr_text": group_lr(optimizer, "text"),
+                            "grad_norm": _finite_or_none(grad_norm), "images_per_s": images_per_s,
+                            "skipped": p.skipped, **samples}
                     with open(metrics_path, "a") as f:
-                        f.write(json.dumps({"step": p.step, "epoch": p.epoch, "loss": _finite_or_none(loss_value),
-                                            "lr_unet": group_lr(optimizer, "unet"),
-                                            "lr_text": group_lr(optimizer, "text"),
-                                            "grad_norm": _finite_or_none(grad_norm),
-                                            "images_per_s": images_per_s, "skipped": p.skipped}) + "\n")
+                        f.write(json.dumps(line) + "\n")
+                    scalars.write(line)
                     bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{optimizer.param_groups[-1]['lr']:.2e}",
                                     img_s=f"{images_per_s:.2f}", refresh=False)
                     bar.update(1)
@@ -398,6 +402,7 @@ def _loop(run: Run) -> dict:
             _write_state(run, kill_after)
     finally:
         bar.close()
+        scalars.close()
         for s, handler in old_handlers.items():
             signal.signal(s, handler)
 

@@ -1,0 +1,408 @@
+"""The numbers of a dataset report on a built shard folder (see docs/report.md).
+
+Reads ``manifest.json``, ``index.parquet``, ``skipped.parquet`` and every sample's ``.json``
+record (one positioned read each, at the offset the index gives); never an image. The
+training-bucket part uses the trainer's own code (``trainers.lokr.bucketing`` and
+``trainers.lokr.data.BatchPlan``, imported only when a trainer config is given, so it needs
+the ``train`` extra), so its numbers are those a training run would see.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from .captioner import CAPTION_GROUPS
+from .errors import HakubooruError
+from .manifest import INDEX_FILE, MANIFEST_FILE, SKIPPED_FILE
+from .db import RATINGS
+from .quality import LOWEST_QUALITY, QUALITY_LEVELS
+from .tagrules import PEOPLE_COUNT_TAGS, TAG_GROUPS, YEAR_TAGS, format_tag
+
+TOP_TAGS = 50
+THRESHOLDS = (1000, 100)  # model card: ≥ 1000 posts "should work", ≥ 100 "may work with emphasis"
+WINDOW = 75               # CLIP tokens per window (SDXL: BOS + 75 + EOS)
+SEPARATOR = ", "          # the trainer rebuilds captions from the record with this separator
+_KEEP_REST = "character/copyright/artist"
+_PEOPLE = frozenset(format_tag(t) for t in PEOPLE_COUNT_TAGS)
+
+
+def load_tag_types(db) -> dict[str, str]:
+    """Formatted tag name -> tag group (character, copyright, artist, ...) from the database's
+    tag table, to split the record's ``keep`` list by category."""
+    from .db import Tag, open_db
+
+    if not hasattr(db, "execute_sql"):
+        db = open_db(db)
+    types = {}
+    for name, kind in Tag.select(Tag.name, Tag.type).tuples().iterator():
+        types.setdefault(format_tag(name), kind)
+    return types
+
+
+def _read_json_file(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise HakubooruError(f"cannot read {path}: {e}") from None
+
+
+def _read_index(root: Path) -> pa.Table:
+    path = root / INDEX_FILE
+    if not root.is_dir():
+        raise HakubooruError(f"shard folder {root} does not exist")
+    if not path.is_file():
+        raise HakubooruError(f"{root} has no {INDEX_FILE}: is it a shard folder written by "
+                             "`python -m hakubooru build`?")
+    try:
+        return pq.read_table(path, columns=["id", "shard", "json_offset", "json_size", "width",
+                                            "height"], read_dictionary=["shard"])
+    except (pa.ArrowException, OSError) as e:
+        raise HakubooruError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
+
+
+class _TokenLengths:
+    """CLIP token counts of captions, from per-tag counts: CLIP's pre-tokenizer splits at
+    whitespace, so ``"a, b"`` tokenizes as ``"a,"`` then ``"b"`` and a caption's tokens are
+    its tags' tokens (each with its separating comma, the last without), in order."""
+
+    def __init__(self):
+        try:
+            from .clip_tokenizer import sdxl_tokenizer
+            self._tok = sdxl_tokenizer(1).backend_tokenizer
+        except ImportError:
+            raise HakubooruError("caption token lengths need transformers (the train extra): "
+                                 "pip install 'hakubooru[train]'") from None
+        self._tok.no_truncation()
+        self._tok.no_padding()
+        self.with_comma: dict[str, int] = {}
+        self.alone: dict[str, int] = {}
+
+    def learn(self, tags) -> None:
+        """Tokenize the tags not seen before (in one batch). A tag ending in a letter or digit
+        is followed by the comma as a pre-token of its own (one more token); one ending in
+        punctuation may merge with it (``"),"``), so that form is tokenized too."""
+        new = [t for t in set(tags) if t not in self.alone]
+        if not new:
+            return
+        for tag, enc in zip(new, self._tok.encode_batch(new, add_special_tokens=False)):
+            self.alone[tag] = len(enc.ids)
+        odd = []
+        for tag in new:
+            if tag[-1:].isalnum():
+                self.with_comma[tag] = self.alone[tag] + 1
+            else:
+                odd.append(tag)
+        comma = SEPARATOR.strip()
+        for tag, enc in zip(odd, self._tok.encode_batch([t + comma for t in odd], add_special_tokens=False)):
+            self.with_comma[tag] = len(enc.ids)
+
+    def length(self, tags: list[str]) -> int:
+        """Tokens of the caption ``", ".join(tags)``."""
+        if not tags:
+            return 0
+        last = tags[-1]
+        return sum(map(self.with_comma.__getitem__, tags)) - self.with_comma[last] + self.alone[last]
+
+    def ends(self, tags: list[str]) -> list[int]:
+        """For each tag, the caption's tokens up to the end of its own text (its comma left out)."""
+        out, before = [], 0
+        for t in tags:
+            out.append(before + self.alone[t])
+            before += self.with_comma[t]
+        return out
+
+
+def collect(shards_dir, *, config: str | None = None, world_size: int = 1, db=None,
+            workers: int = 1, progress: bool = True) -> dict:
+    """The report's numbers for a shard folder, as a JSON-able dict. ``config``: a trainer
+    config (bundled name or TOML path) for the bucket statistics at ``world_size`` GPUs;
+    ``db``: the database (path or handle) to split the keep tags into character, copyright
+    and artist; ``workers``: processes reading the records (the result does not depend on it)."""
+    root = Path(shards_dir)
+    if workers < 1:
+        raise HakubooruError(f"--workers must be ≥ 1, got {workers}")
+    table = _read_index(root)
+    if table.num_rows == 0:
+        raise HakubooruError(f"{root / INDEX_FILE} has no samples")
+    manifest = _read_json_file(root / MANIFEST_FILE) or {}
+    tag_types = load_tag_types(db) if db is not None else None
+    cfg = _trainer_config(config) if config else None
+    max_windows = cfg["data"]["max_windows"] if cfg else 3
+
+    shard = table.column("shard").combine_chunks()
+    names = [str(n) for n in shard.dictionary.to_pylist()]
+    codes = shard.indices.to_numpy()
+    offsets = table.column("json_offset").to_numpy()
+    sizes = table.column("json_size").to_numpy()
+    ids = table.column("id").to_numpy()
+    order = np.lexsort((offsets, codes))  # shard by shard, in file order
+    bounds = np.flatnonzero(np.r_[True, codes[order][1:] != codes[order][:-1], True])
+    tasks = [(str(root / names[codes[order[a]]]), offsets[order[a:b]], sizes[order[a:b]], ids[order[a:b]])
+             for a, b in zip(bounds[:-1], bounds[1:])]
+    chunks = [tasks[i:i + _SHARDS_PER_TASK] for i in range(0, len(tasks), _SHARDS_PER_TASK)]
+    stats = _Accumulator(tag_types, max_windows)
+    bar = tqdm(total=len(order), unit="rec", disable=not progress, desc="records")
+    if workers == 1 or len(chunks) == 1:
+        _init_worker(tag_types, max_windows)
+        parts = map(_scan, chunks)
+        pool = None
+    else:
+        import multiprocessing
+
+        pool = multiprocessing.get_context("spawn").Pool(min(workers, len(chunks)), _init_worker,
+                                                         (tag_types, max_windows))
+        parts = pool.imap(_scan, chunks)  # in order: the merged counts do not depend on it anyway
+    try:
+        for part in parts:
+            stats.merge(part)
+            bar.update(part.samples)
+    finally:
+        if pool is not None:
+            pool.terminate()
+        bar.close()
+
+    width = table.column("width").to_numpy().astype(np.int64)
+    height = table.column("height").to_numpy().astype(np.int64)
+    out = {
+        "folder": str(root), "samples": table.num_rows, "shards": len(tasks),
+        **stats.result(),
+        "images": _image_stats(width, height),
+        "skipped": _skipped(root, manifest),
+        "provenance": _provenance(manifest),
+        "tag_categories": "database" if tag_types is not None else "record",
+    }
+    if cfg is not None:
+        out["buckets"] = bucket_stats(root, cfg, config, world_size)
+    return out
+
+
+_SHARDS_PER_TASK = 4
+_WORKER: dict = {}
+
+
+def _init_worker(tag_types, max_windows: int) -> None:
+    _WORKER.update(tag_types=tag_types, max_windows=max_windows, tokens=None)
+
+
+def _scan(tasks) -> "_Accumulator":
+    """The counts of some shards' records (in a worker process, or in this one)."""
+    if _WORKER["tokens"] is None:
+        _WORKER["tokens"] = _TokenLengths()
+    acc = _Accumulator(_WORKER["tag_types"], _WORKER["max_windows"])
+    for path, offsets, sizes, ids in tasks:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise HakubooruError(f"{path} is named in {INDEX_FILE} but missing") from None
+        try:
+            records = []
+            for offset, size, post_id in zip(offsets.tolist(), sizes.tolist(), ids.tolist()):
+                try:
+                    records.append(json.loads(os.pread(fd, size, offset)))
+                except (ValueError, UnicodeDecodeError):
+                    raise HakubooruError(f"post {post_id} in {path}: its .json record is not "
+                                         "valid JSON; rebuild the shard") from None
+        finally:
+            os.close(fd)
+        acc.add(records, path, _WORKER["tokens"])
+    acc.tag_types = None  # not sent back
+    return acc
+
+
+class _Accumulator:
+    """Counts over the records, shard by shard."""
+
+    def __init__(self, tag_types, max_windows: int):
+        self.tag_types = tag_types
+        self.limit = WINDOW * max_windows
+        self.max_windows = max_windows
+        self.rating, self.year, self.quality = Counter(), Counter(), Counter()
+        cats = TAG_GROUPS + ("unknown",) if tag_types is not None else ("people", _KEEP_REST, "general", "meta")
+        self.tags = {c: Counter() for c in cats}
+        self.lengths = np.zeros(0, dtype=np.int64)  # samples per caption length
+        self.samples = 0
+        self.cut_captions = 0
+        self.cut_tokens = 0
+        self.cut_tags = Counter()  # group -> tags whose text reaches past the limit
+
+    def merge(self, other: "_Accumulator") -> None:
+        """Add another accumulator's counts to these."""
+        for mine, theirs in ((self.rating, other.rating), (self.year, other.year), (self.quality, other.quality),
+                             (self.cut_tags, other.cut_tags)):
+            mine.update(theirs)
+        for cat, counter in other.tags.items():
+            self.tags[cat].update(counter)
+        n = max(len(self.lengths), len(other.lengths))
+        self.lengths = np.pad(self.lengths, (0, n - len(self.lengths))) + np.pad(other.lengths, (0, n - len(other.lengths)))
+        self.samples += other.samples
+        self.cut_captions += other.cut_captions
+        self.cut_tokens += other.cut_tokens
+
+    def add(self, records: list[dict], where: str, tokens: _TokenLengths) -> None:
+        captions = []
+        tags_of = self.tags
+        for rec in records:
+            try:
+                self.rating[rec["rating"] or "unknown"] += 1
+                self.year[rec["year"][0] if rec["year"] else "none"] += 1
+                self.quality[rec["quality"][0] if rec["quality"] else "none"] += 1
+                keep = rec["keep"]
+                tags_of["general"].update(rec["general"])
+                tags_of["meta"].update(rec["meta"])
+                captions.append(keep + rec["general"] + rec["quality"] + rec["year"] + rec["meta"]
+                                + rec["rating_tags"])
+            except (KeyError, TypeError, IndexError):
+                raise HakubooruError(f"post {rec.get('id', '?') if isinstance(rec, dict) else '?'} in "
+                                     f"{where}: its .json record lacks the caption groups "
+                                     f"({', '.join(CAPTION_GROUPS)})") from None
+            if self.tag_types is None:
+                for t in keep:
+                    tags_of["people" if t in _PEOPLE else _KEEP_REST][t] += 1
+            else:
+                for t in keep:
+                    kind = "people" if t in _PEOPLE else self.tag_types.get(t, "unknown")
+                    tags_of.get(kind, tags_of["unknown"])[t] += 1
+        tokens.learn(t for cap in captions for t in cap)
+        lengths = list(map(tokens.length, captions))
+        self.samples += len(lengths)
+        found = np.bincount(np.asarray(lengths, dtype=np.int64), minlength=len(self.lengths))
+        self.lengths = np.pad(self.lengths, (0, len(found) - len(self.lengths))) + found
+        for rec, cap, n in zip(records, captions, lengths):
+            if n > self.limit:
+                self.cut_captions += 1
+                self.cut_tokens += n - self.limit
+                groups = [g for g in CAPTION_GROUPS for _ in rec[g]]
+                # a tag is cut when its own text (not just its comma) reaches past the limit
+                self.cut_tags.update(g for g, end in zip(groups, tokens.ends(cap)) if end > self.limit)
+
+    def result(self) -> dict:
+        lengths = np.repeat(np.arange(len(self.lengths)), self.lengths)
+        tags = {}
+        for cat, counter in self.tags.items():
+            counts = np.fromiter(counter.values(), dtype=np.int64, count=len(counter))
+            tags[cat] = {"distinct": len(counter), "occurrences": int(counts.sum()),
+                         **{f"at_least_{t}": int((counts >= t).sum()) for t in THRESHOLDS},
+                         "top": [[t, c] for t, c in sorted(counter.items(), key=lambda kv: (-kv[1], kv[0]))[:TOP_TAGS]]}
+        all_counts = Counter()
+        for counter in self.tags.values():
+            all_counts.update(counter)
+        counts = np.fromiter(all_counts.values(), dtype=np.int64, count=len(all_counts))
+        return {
+            "rating": _in_order(self.rating, RATINGS + ("unknown",)),
+            "year": _in_order(self.year, tuple(tag for _, tag in YEAR_TAGS) + ("none",)),
+            "quality": _in_order(self.quality, tuple(t for _, t in QUALITY_LEVELS) + (LOWEST_QUALITY, "none")),
+            "tags": tags,
+            "tags_all": {"distinct": len(all_counts),
+                         **{f"at_least_{t}": int((counts >= t).sum()) for t in THRESHOLDS}},
+            "tokens": {
+                "max_windows": self.max_windows, "limit": self.limit,
+                "over": {str(k * WINDOW): int((lengths > k * WINDOW).sum()) for k in (1, 2, 3)},
+                "percentiles": {str(p): float(np.percentile(lengths, p)) for p in (50, 90, 99, 100)},
+                "mean": float(lengths.mean()), "cut_captions": self.cut_captions,
+                "cut_tokens": self.cut_tokens,
+                "cut_tags": {g: self.cut_tags.get(g, 0) for g in CAPTION_GROUPS},
+                "histogram": self.lengths.tolist(),
+            },
+        }
+
+
+def _in_order(counter: Counter, order) -> list:
+    """[[key, count]] in the given order (keys not in it last, by count); absent keys left out."""
+    rank = {k: i for i, k in enumerate(order)}
+    return [[k, v] for k, v in sorted(counter.items(), key=lambda kv: (rank.get(kv[0], len(rank)), -kv[1], str(kv[0])))]
+
+
+def _sorted(counter: Counter) -> list:
+    return [[k, v] for k, v in sorted(counter.items(), key=lambda kv: (-kv[1], str(kv[0])))]
+
+
+ASPECT_EDGES = (0.0, 0.5, 0.67, 0.8, 0.95, 1.05, 1.25, 1.5, 2.0, float("inf"))
+
+
+def _image_stats(width: np.ndarray, height: np.ndarray) -> dict:
+    pixels = width * height
+    aspect = width / height
+    bins = np.digitize(aspect, ASPECT_EDGES[1:-1], right=False)
+    labels = [f"{a:g}–{b:g}" if b != float("inf") else f"≥ {a:g}" for a, b in
+              zip(ASPECT_EDGES[:-1], ASPECT_EDGES[1:])]
+    labels[0] = f"< {ASPECT_EDGES[1]:g}"
+    counts = np.bincount(bins, minlength=len(labels)).tolist()
+    return {
+        "megapixels": {str(p): float(np.percentile(pixels, p)) / 1e6 for p in (0, 10, 50, 90, 100)},
+        "width": {str(p): float(np.percentile(width, p)) for p in (0, 50, 100)},
+        "height": {str(p): float(np.percentile(height, p)) for p in (0, 50, 100)},
+        "aspect_bins": [[label, c] for label, c in zip(labels, counts)],
+        "landscape": int((width > height).sum()), "portrait": int((width < height).sum()),
+        "square": int((width == height).sum()),
+        "_pixels": pixels, "_aspect": aspect,  # for the charts; not JSON
+    }
+
+
+def _skipped(root: Path, manifest: dict) -> dict:
+    counts = manifest.get("counts", {})
+    by_reason = dict(counts.get("skipped_by_reason", {}))
+    path = root / SKIPPED_FILE
+    if not by_reason and path.is_file():
+        reasons = pq.read_table(path, columns=["reason"]).column("reason").to_pylist()
+        by_reason = dict(Counter(reasons))
+    return {"selected": counts.get("selected"), "written": counts.get("written"),
+            "by_reason": _sorted(Counter(by_reason))}
+
+
+def _provenance(manifest: dict) -> dict:
+    selection = manifest.get("selection", {})
+    return {
+        "format": manifest.get("format"), "fingerprint": manifest.get("fingerprint"),
+        "db_fingerprint": manifest.get("db_fingerprint"),
+        "selection_expression": selection.get("expression"), "selection_seeds": selection.get("seeds"),
+        "selection_count": selection.get("count"), "selection_sha256": selection.get("sha256"),
+        "captioner": manifest.get("captioner"), "image_policy": manifest.get("image_policy"),
+        "shard_size": manifest.get("shard_size"), "shard_count": manifest.get("shard_count"),
+    }
+
+
+def _trainer_config(name: str) -> dict:
+    try:
+        from trainers.lokr.config import load_config
+    except ImportError as e:
+        raise HakubooruError(f"bucket statistics need the trainer (the train extra): {e}") from None
+    return load_config(name)
+
+
+def bucket_stats(root: Path, cfg: dict, config_name: str, world_size: int = 1) -> dict:
+    """Samples per training bucket, full global batches per bucket and the samples that sit
+    out each epoch, by the trainer's own bucket assignment and batch plan (epoch 0)."""
+    try:
+        from trainers.lokr.bucketing import assign_buckets, make_buckets
+        from trainers.lokr.data import BatchPlan, load_index
+    except ImportError as e:
+        raise HakubooruError(f"bucket statistics need the trainer (the train extra): {e}") from None
+    if world_size < 1:
+        raise HakubooruError(f"--gpus must be ≥ 1, got {world_size}")
+    dc, tc = cfg["data"], cfg["train"]
+    buckets = make_buckets(area=dc["resolution"] ** 2, min_side=dc["bucket_min"],
+                           max_side=dc["bucket_max"], step=dc["bucket_step"])
+    index = load_index(root)
+    global_batch = tc["batch_size"] * world_size
+    plan = BatchPlan(index, global_batch, tc["seed"], 0, buckets)
+    samples = np.bincount(assign_buckets(index.width, index.height, buckets), minlength=len(buckets))
+    batches = np.bincount(plan.batch_bucket, minlength=len(buckets))
+    rows = [[f"{w}×{h}", w, h, int(s), int(nb), int(s - nb * global_batch)]
+            for (w, h), s, nb in zip(buckets, samples, batches) if s]
+    return {"config": config_name, "world_size": world_size, "batch_size": tc["batch_size"],
+            "global_batch": global_batch, "grad_accum": tc["grad_accum"],
+            "images_per_step": global_batch * tc["grad_accum"],
+            "buckets_defined": len(buckets), "buckets_used": len(rows), "rows": rows,
+            "batches_per_epoch": len(plan), "steps_per_epoch": len(plan) // tc["grad_accum"],
+            "sit_out": plan.dropped,
+            # full batches past the last whole optimizer step are not trained either
+            "sit_out_batches": len(plan) % tc["grad_accum"] * global_batch}

@@ -1,0 +1,239 @@
+"""`python -m hakubooru report`: the numbers on the page against counts made directly from the
+shards' tar members (read with tarfile, not through the index), and hand-derived buckets and
+token cuts."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from collections import Counter
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hakubooru import Selector, build_shards, open_db
+from hakubooru.tagrules import PEOPLE_COUNT_TAGS, format_tag
+from tests.shardfactory import make_test_shards, write_shard_folder
+
+pytest.importorskip("matplotlib")
+pytest.importorskip("transformers")
+ROOT = Path(__file__).resolve().parents[1]
+GROUPS = ("keep", "general", "quality", "year", "meta", "rating_tags")
+
+
+class Tables(HTMLParser):
+    """Every <table id=...> of a page as a list of rows of cell texts (header row excluded)."""
+
+    def __init__(self, text):
+        super().__init__()
+        self.tables, self._id, self._row, self._cell, self._in_head = {}, None, None, None, False
+        self.images = 0
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "table":
+            self._id = attrs.get("id")
+            self.tables[self._id] = []
+        elif tag == "thead":
+            self._in_head = True
+        elif tag == "tbody":
+            self._in_head = False
+        elif tag == "tr" and not self._in_head:
+            self._row = []
+        elif tag == "td":
+            self._cell = ""
+        elif tag == "img" and attrs.get("src", "").startswith("data:image/png;base64,"):
+            self.images += 1
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell += data
+
+    def handle_endtag(self, tag):
+        if tag == "td":
+            self._row.append(self._cell)
+            self._cell = None
+        elif tag == "tr" and self._row is not None:
+            self.tables[self._id].append(self._row)
+            self._row = None
+
+    def counts(self, table_id) -> dict:
+        """{first cell: second cell as an int} of a table."""
+        return {r[0]: int(r[1].replace(",", "")) for r in self.tables[table_id]}
+
+
+def run_report(*args):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "hakubooru", "report", *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def records_from_tars(folder: Path) -> list[dict]:
+    out = []
+    for tar_path in sorted(folder.glob("shard-*.tar")):
+        with tarfile.open(tar_path) as tar:
+            for m in tar.getmembers():
+                if m.name.endswith(".json"):
+                    out.append(json.loads(tar.extractfile(m).read()))
+    return out
+
+
+@pytest.fixture(scope="module")
+def demo_report(synth_demo, tmp_path_factory):
+    db_path, images = synth_demo
+    tmp = tmp_path_factory.mktemp("report")
+    Selector.all().save(tmp / "all.parquet", open_db(db_path))
+    build_shards(db_path, images, tmp / "all.parquet", tmp / "out", shard_size=40,
+                 cache_dir=tmp / "cache", progress=False)
+    proc = run_report(tmp / "out", "--html", tmp / "report.html", "--db", db_path, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    return tmp, Tables((tmp / "report.html").read_text()), records_from_tars(tmp / "out"), proc
+
+
+def test_counts_on_the_page_match_the_shards(demo_report):
+    tmp, page, records, proc = demo_report
+    manifest = json.loads((tmp / "out" / "manifest.json").read_text())
+    overview = {r[0]: r[1] for r in page.tables["overview"]}
+    assert overview["dataset fingerprint"] == manifest["fingerprint"]
+    assert int(overview["samples"].replace(",", "")) == len(records) == manifest["counts"]["written"]
+    assert page.counts("rating") == Counter(r["rating"] for r in records)
+    assert page.counts("year") == Counter(r["year"][0] if r["year"] else "none" for r in records)
+    assert page.counts("quality") == Counter(r["quality"][0] if r["quality"] else "none" for r in records)
+    assert page.counts("skipped") == manifest["counts"]["skipped_by_reason"]
+    assert sum(page.counts("aspect").values()) == len(records)
+    assert page.images >= 8  # embedded charts
+    assert f"{len(records):,} samples" in proc.stderr
+
+
+def test_two_workers_write_the_same_page(demo_report, synth_demo):
+    tmp, _, _, _ = demo_report
+    proc = run_report(tmp / "out", "--html", tmp / "report-2.html", "--db", synth_demo[0], "--workers", "2",
+                      "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp / "report-2.html").read_bytes() == (tmp / "report.html").read_bytes()
+
+
+def test_tag_tables_match_the_shards(demo_report, synth_demo):
+    tmp, page, records, _ = demo_report
+    db = open_db(synth_demo[0])
+    kinds = {format_tag(name): kind for name, kind in db.execute_sql("SELECT name, type FROM tag")}
+    type_names = ("general", "artist", "character", "copyright", "meta")
+    people = {format_tag(t) for t in PEOPLE_COUNT_TAGS}
+    direct = {c: Counter() for c in ("people", "character", "copyright", "artist", "general", "meta")}
+    for r in records:
+        direct["general"].update(r["general"])
+        direct["meta"].update(r["meta"])
+        for t in r["keep"]:
+            direct["people" if t in people else type_names[kinds[t]]][t] += 1
+    thresholds = {row[0]: row for row in page.tables["tag-thresholds"]}
+    for cat, counter in direct.items():
+        if not counter:
+            continue
+        top = sorted(counter.items(), key=lambda kv: (-kv[1], kv[0]))[:50]
+        assert [(r[0], int(r[1].replace(",", ""))) for r in page.tables[f"tags-{cat}"]] == top
+        assert int(thresholds[cat][1].replace(",", "")) == len(counter)
+        assert int(thresholds[cat][4].replace(",", "")) == sum(c >= 100 for c in counter.values())
+    assert "tags-character" in page.tables and "tags-artist" in page.tables
+
+
+def test_token_lengths_match_whole_caption_tokenization(demo_report):
+    from hakubooru.clip_tokenizer import sdxl_tokenizer
+
+    tmp, page, records, _ = demo_report
+    tok = sdxl_tokenizer(1)
+    captions = [", ".join(t for g in GROUPS for t in r[g]) for r in records]
+    lengths = [len(ids) for ids in tok(captions, add_special_tokens=False).input_ids]
+    over = page.counts("tokens")
+    assert over["over 75 tokens"] == sum(n > 75 for n in lengths)
+    assert over["over 150 tokens"] == sum(n > 150 for n in lengths)
+    assert over["cut (over 225 = 3 × 75)"] == sum(n > 225 for n in lengths)
+    stats = {r[0]: float(r[1]) for r in page.tables["token-stats"]}
+    assert stats == pytest.approx({"median": np.percentile(lengths, 50), "90 %": np.percentile(lengths, 90),
+                                   "99 %": np.percentile(lengths, 99), "max": max(lengths),
+                                   "mean": np.mean(lengths)}, rel=1e-3)  # 4 significant digits
+
+
+def _record(post_id, general, keep=("1girl",)):
+    return {"id": post_id, "width": 64, "height": 64, "rating": "general", "keep": list(keep),
+            "general": list(general), "meta": [], "quality": ["masterpiece"], "year": ["newest"],
+            "rating_tags": ["safe"]}
+
+
+def test_cut_captions_and_tags_by_hand(tmp_path):
+    # "cat" is one CLIP token and "," another: "1girl, cat×117, masterpiece, newest, safe" is
+    # 3 ("1", "girl", ",") + 117·2 + 2 + 2 + 1 = 242 tokens. Cat i (0-based) ends at token
+    # 3 + 2·i + 1, past 225 from i = 111: cats 111..116 (6), masterpiece, newest and safe are
+    # cut, and 242 − 225 = 17 tokens.
+    from hakubooru.clip_tokenizer import sdxl_tokenizer
+
+    long_caption = ", ".join(["1girl"] + ["cat"] * 117 + ["masterpiece", "newest", "safe"])
+    assert len(sdxl_tokenizer(1)(long_caption, add_special_tokens=False).input_ids) == 242
+    samples = [(_record(1, ["cat"] * 117), b"x"), (_record(2, ["cat"]), b"y")]
+    folder = write_shard_folder(tmp_path / "out", samples)  # not images: the report never decodes them
+    assert run_report(folder, "--html", tmp_path / "r.html", "--quiet").returncode == 0
+    page = Tables((tmp_path / "r.html").read_text())
+    assert page.counts("tokens") == {"over 75 tokens": 1, "over 150 tokens": 1, "over 225 tokens": 1,
+                                     "cut (over 225 = 3 × 75)": 1}
+    assert page.counts("cut-tags") == {"keep": 0, "general": 6, "quality": 1, "year": 1, "meta": 0,
+                                       "rating_tags": 1}
+
+
+def test_buckets_by_hand(tmp_path):
+    # tiny config: buckets (area 64², sides 32–128, step 32) 32×128, 32×96, 64×64, 96×32,
+    # 128×32. 128×40 (ratio 3.2) is nearest 96×32 (3) in log ratio, 40×128 nearest 32×96.
+    # 64 samples cycling 64×64, 128×40, 40×128: 22, 21, 21. Batch 2 (1 GPU): 11, 10, 10 full
+    # batches, 0, 1, 1 left over; 31 batches / grad_accum 2 = 15 steps, 1 batch (2 samples) idle.
+    shards = make_test_shards(tmp_path / "out", n=64, sizes=((64, 64), (128, 40), (40, 128)),
+                              learnable=False)
+    proc = run_report(shards.dir, "--html", tmp_path / "r.html", "--config", "tiny", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    page = Tables((tmp_path / "r.html").read_text())
+    rows = {r[0]: [int(x) for x in r[3:]] for r in page.tables["buckets"]}
+    assert rows == {"64×64": [22, 11, 0], "96×32": [21, 10, 1], "32×96": [21, 10, 1]}
+    summary = {r[0]: r[1] for r in page.tables["bucket-summary"]}
+    assert summary["optimizer steps per epoch"] == "15"
+    assert summary["samples sitting out each epoch (bucket remainders)"] == "2"
+    assert summary["samples in full batches past the last whole step"] == "2"
+
+
+def test_bad_folder_is_one_error_line(tmp_path):
+    proc = run_report(tmp_path / "nope")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: shard folder {tmp_path / 'nope'} does not exist"]
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "index.parquet").write_bytes(b"not parquet")
+    proc = run_report(tmp_path / "out")
+    assert proc.returncode == 2 and proc.stderr.startswith("error: cannot read") and "Traceback" not in proc.stderr
+
+
+def test_buckets_on_two_gpus_by_hand(tmp_path):
+    # same 22 / 21 / 21 samples, global batch 2 × 2 = 4: 5 + 5 + 5 full batches, 2 + 1 + 1 left
+    # over; 15 batches / grad_accum 2 = 7 steps, 1 batch (4 samples) idle
+    shards = make_test_shards(tmp_path / "out", n=64, sizes=((64, 64), (128, 40), (40, 128)),
+                              learnable=False)
+    proc = run_report(shards.dir, "--html", tmp_path / "r.html", "--config", "tiny", "--gpus", "2",
+                      "--json", tmp_path / "r.json", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    rows = {r[0]: [int(x) for x in r[3:]] for r in Tables((tmp_path / "r.html").read_text()).tables["buckets"]}
+    assert rows == {"64×64": [22, 5, 2], "96×32": [21, 5, 1], "32×96": [21, 5, 1]}
+    b = json.loads((tmp_path / "r.json").read_text())["buckets"]
+    assert (b["global_batch"], b["steps_per_epoch"], b["sit_out"], b["sit_out_batches"]) == (4, 7, 4, 4)
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed (apt-get install chromium)")
+def test_screenshot_script(tmp_path):
+    page = tmp_path / "p.html"
+    page.write_text("<html><body style='background:#c00'><h1>hi</h1></body></html>")
+    out = tmp_path / "shot.png"
+    proc = subprocess.run([str(ROOT / "scripts" / "screenshot.sh"), str(page), str(out), "400,300"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    from PIL import Image
+    with Image.open(out) as im:
+        assert im.size == (400, 300) and im.convert("RGB").getpixel((390, 290)) == (204, 0, 0)
