@@ -34,6 +34,7 @@ _CHOICES = {
     "optimizer.name": ("Lion8bit",),
     "lokr.save_dtype": ("fp16", "bf16", "fp32"),
     "lokr.naming": ("sd-scripts", "diffusers"),
+    "data.latent_cache": ("auto", "off", "require"),
 }
 # (dotted key, lowest allowed value, exclusive?)
 _LOWER_BOUNDS = [
