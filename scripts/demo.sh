@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The README's first command: set up, then run the whole pipeline on built-in demo data —
 # synthetic database + image archives -> epsilon selection -> captions -> shards -> a short
-# CPU training of the tiny SDXL-shaped model with LoKr -> the LoKr merged into that model.
+# CPU training of the tiny SDXL-shaped model with LoKr (from a latent cache) -> the LoKr merged into that model.
 source "$(dirname "$0")/setup.sh"
 python examples/epsilon_selection.py --workdir demo --out demo/out
+python -m trainers.lokr.cache --config tiny --shards demo/out   # VAE latents once (demo/out/latents), used by the training
 python -m trainers.lokr --config tiny --shards demo/out --output demo/train --max-steps 20
 rm -f demo/merged.safetensors  # a rerun of the demo merges anew (merge never overwrites)
 python -m trainers.lokr merge --pretrained tiny --lokr demo/train/lokr.safetensors --out demo/merged.safetensors
