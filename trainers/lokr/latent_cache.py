@@ -119,24 +119,24 @@ class LatentCache:
         return torch.cat(means).float(), torch.cat(stds).float(), torch.cat(times)
 
 
-def open_cache(cfg: dict, shards, index, vae) -> LatentCache | None:
+def open_cache(cfg: dict, shards, index, vae, log: bool = True) -> LatentCache | None:
     """The run's latent cache per ``data.latent_cache``: "off" → None; "auto" → the cache if
     there is one, None if there is none; "require" → the cache. A cache that is there but does
     not fit (partial, damaged, another VAE, bucket set, crop or dataset) is refused with one
-    line in both modes — never silently replaced by the images. Logs the path taken."""
+    line in both modes — never silently replaced by the images. Logs the path taken (if ``log``)."""
     mode, root = cfg["data"]["latent_cache"], cache_dir(cfg, shards)
     if mode == "off":
-        _log("latent cache: off (data.latent_cache); encoding images with the VAE every step")
+        _log("latent cache: off (data.latent_cache); encoding images with the VAE every step", log)
         return None
     found = (root / mf.MANIFEST_FILE).is_file() or (root / mf.PLAN_FILE).is_file()
     if not found:
         if mode == "require":
             raise HakubooruError(f"data.latent_cache = \"require\" but there is no latent cache at {root}; build "
                                  f"it with `{BUILD_COMMAND} --shards {shards} --pretrained ...`")
-        _log(f"latent cache: none at {root}; encoding images with the VAE every step")
+        _log(f"latent cache: none at {root}; encoding images with the VAE every step", log)
         return None
     cache = _check(cfg, root, index, vae)
-    _log(f"latent cache: using {root} ({len(index)} samples, {cache.dtype}); images and the VAE are not used")
+    _log(f"latent cache: using {root} ({len(index)} samples, {cache.dtype}); images and the VAE are not used", log)
     return cache
 
 
@@ -185,7 +185,9 @@ def _short(value) -> str:
     return text[:24] + "…" if isinstance(value, str) and len(text) > 24 else text
 
 
-def _log(line: str) -> None:
+def _log(line: str, log: bool) -> None:
+    if not log:
+        return
     print(line, file=sys.stderr)
 
 

@@ -210,7 +210,7 @@ def setup(cfg: dict, shards, output, *, resume=None, allow_config_change: bool =
     total = tc["max_steps"] or tc["epochs"] * steps_per_epoch
     base_hash = models.base_model_hash(cfg["model"]["pretrained"]) if d.is_main else ""  # for LoKr metadata
     tags = metadata.tag_frequency(shards, index) if d.is_main else {}
-    cache = open_cache(cfg, shards, index, sdxl.vae)
+    cache = open_cache(cfg, shards, index, sdxl.vae, log=d.is_main)
     return Run(cfg, d, Path(shards), Path(output), index, buckets, sdxl, network, optimizer, scaler,
                base_lrs, base_hash, tags, progress, total, steps_per_epoch, plan, cache)
 
