@@ -4,6 +4,7 @@ checkpointing, LoKr (epsilon factors) in fp32, Lion8bit. Target: peak ≤ 22 GiB
 
     python benchmarks/bench_gpu_step.py                       # CUDA, real SDXL architecture
     python benchmarks/bench_gpu_step.py --device cpu --tiny   # smoke run of the same code
+    python benchmarks/bench_gpu_step.py --latent-cache        # also: the step fed by a latent cache
 
 The baseline in the same run is the same step with gradient checkpointing off (what the
 checkpointing buys in memory, and costs in time). The original epsilon run, for reference:
@@ -26,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from trainers.lokr.config import load_config  # noqa: E402
 from trainers.lokr.models import sdxl_base_architecture, tiny_sdxl, tiny_tokenizers  # noqa: E402
 from trainers.lokr.network import create_lokr, lokr_param_groups  # noqa: E402
+from trainers.lokr.latent_cache import cached_latents  # noqa: E402
 from trainers.lokr.text import encode_prompts  # noqa: E402
 from trainers.lokr.train import check_bitsandbytes, diffusion_loss, min_snr_weights, sample_draws  # noqa: E402
 
@@ -60,15 +62,21 @@ def build(cfg: dict, device: str, tiny: bool, checkpointing: bool):
     return sdxl, network, optimizer
 
 
-def step(sdxl, optimizer, scaler, cfg, batch: int, size: int, device: str, i: int) -> None:
-    """One micro-batch and one optimizer step, as train.py does it (fp32 VAE, autocast)."""
+def step(sdxl, optimizer, scaler, cfg, batch: int, size: int, device: str, i: int, cached: bool = False) -> None:
+    """One micro-batch and one optimizer step, as train.py does it (fp32 VAE, autocast); with
+    ``cached`` the latents come from a mean and std as a latent cache gives them (no VAE)."""
     tc = cfg["train"]
     pixels = torch.rand(batch, 3, size, size, device=device) * 2 - 1
     draws = sample_draws(tc["seed"], i, torch.arange(batch), (4, size // 8, size // 8),
                          sdxl.noise_scheduler.config.num_train_timesteps, tc["noise_offset"])
     timesteps, noise = draws.timesteps.to(device), draws.noise.to(device)
-    with torch.no_grad():
-        latents = sdxl.vae.encode(pixels).latent_dist.sample() * sdxl.vae.config.scaling_factor
+    if cached:
+        mean, std = torch.randn_like(draws.noise, device=device), torch.full_like(draws.noise, 0.01, device=device)
+        latents = cached_latents({"latent_mean": mean, "latent_std": std}, draws.latent_eps,
+                                 sdxl.vae.config.scaling_factor, device)
+    else:
+        with torch.no_grad():
+            latents = sdxl.vae.encode(pixels).latent_dist.sample() * sdxl.vae.config.scaling_factor
     noisy = sdxl.noise_scheduler.add_noise(latents, noise, timesteps)
     time_ids = torch.tensor([[size, size, 0, 0, size, size]] * batch, dtype=torch.float32, device=device)
     amp = dict(device_type="cuda" if device.startswith("cuda") else "cpu",
@@ -87,18 +95,19 @@ def step(sdxl, optimizer, scaler, cfg, batch: int, size: int, device: str, i: in
     optimizer.zero_grad(set_to_none=True)
 
 
-def measure(cfg, device: str, tiny: bool, checkpointing: bool, batch: int, size: int, steps: int) -> dict:
+def measure(cfg, device: str, tiny: bool, checkpointing: bool, batch: int, size: int, steps: int,
+            cached: bool = False) -> dict:
     """Seconds per step (after one warm-up step) and peak memory of one configuration."""
     sdxl, network, optimizer = build(cfg, device, tiny, checkpointing)
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=device.startswith("cuda"))
     cuda = device.startswith("cuda")
-    step(sdxl, optimizer, scaler, cfg, batch, size, device, 0)
+    step(sdxl, optimizer, scaler, cfg, batch, size, device, 0, cached)
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     for i in tqdm(range(1, steps + 1), desc=f"checkpointing {'on' if checkpointing else 'off'}", leave=False):
-        step(sdxl, optimizer, scaler, cfg, batch, size, device, i)
+        step(sdxl, optimizer, scaler, cfg, batch, size, device, i, cached)
     if cuda:
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / steps
@@ -118,6 +127,8 @@ def main(argv=None) -> int:
     parser.add_argument("--resolution", type=int, default=None, help="square side (default 1024; 64 with --tiny)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up step")
     parser.add_argument("--no-baseline", action="store_true", help="skip the run without checkpointing")
+    parser.add_argument("--latent-cache", action="store_true",
+                        help="also measure the step fed by a latent cache (no VAE encode; docs/latent-cache.md)")
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("no CUDA device here: run on a GPU machine, or use --device cpu --tiny for a smoke run")
@@ -138,6 +149,11 @@ def main(argv=None) -> int:
         base = measure(cfg, args.device, args.tiny, False, args.batch, size, args.steps)
         print(f"baseline, checkpointing off: {base['s_per_step']:.3f} s/step, {memory} {base['peak_gib']:.2f} GiB; "
               f"ratio time {ours['s_per_step'] / base['s_per_step']:.2f}x, memory {ours['peak_gib'] / base['peak_gib']:.2f}x")
+    if args.latent_cache:
+        fed = measure(cfg, args.device, args.tiny, True, args.batch, size, args.steps, cached=True)
+        print(f"from a latent cache (no VAE encode): {fed['s_per_step']:.3f} s/step, {memory} {fed['peak_gib']:.2f} GiB; "
+              f"ratio to the VAE step: time {fed['s_per_step'] / ours['s_per_step']:.2f}x, "
+              f"memory {fed['peak_gib'] / ours['peak_gib']:.2f}x")
     if args.device.startswith("cuda") and not args.tiny:
         verdict = "meets" if ours["peak_gib"] <= 22 else "MISSES"
         print(f"{verdict} the target: peak {ours['peak_gib']:.2f} GiB vs 22 GiB")

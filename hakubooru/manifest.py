@@ -99,8 +99,9 @@ def read_json(path: Path):
         return None
 
 
-def check_or_write_plan(out: Path, plan: dict) -> None:
-    """Refuse a folder built from other inputs; start a new one with the plan file."""
+def check_or_write_plan(out: Path, plan: dict, what: str = "hakubooru shard folder") -> None:
+    """Refuse a folder built from other inputs; start a new one with the plan file.
+    ``what`` names the kind of folder in the messages (the latent cache uses this too)."""
     if out.exists() and not out.is_dir():
         raise HakubooruError(f"{out} is a file, not a folder; choose an output folder")
     existing = read_json(out / PLAN_FILE)
@@ -108,7 +109,7 @@ def check_or_write_plan(out: Path, plan: dict) -> None:
         ours = (PARTS_DIR, PLAN_FILE, f".{PLAN_FILE}.")  # another part starting at the same moment
         if out.exists() and any(not p.name.startswith(ours) for p in out.iterdir()):
             raise HakubooruError(
-                f"{out} is not empty and is not a hakubooru shard folder; use a new output folder")
+                f"{out} is not empty and is not a {what}; use a new output folder")
         out.mkdir(parents=True, exist_ok=True)
         created = create_once(out / PLAN_FILE, dump_json(plan))
         existing = plan if created else read_json(out / PLAN_FILE)

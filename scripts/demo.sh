@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The README's first command: set up, then run the whole pipeline on built-in demo data —
 # synthetic database + image archives -> epsilon selection -> captions -> shards -> a short
-# CPU training of the tiny SDXL-shaped model with LoKr (sample images every 10 steps), the
-# two reports (the dataset's, demo/report.html; the training curves, demo/train/report.html),
-# and the LoKr merged into the model (demo/merged.safetensors).
+# CPU training of the tiny SDXL-shaped model with LoKr from a latent cache (sample images every
+# 10 steps), the two reports (the dataset's, demo/report.html; the training curves,
+# demo/train/report.html), and the LoKr merged into the model (demo/merged.safetensors).
 source "$(dirname "$0")/setup.sh"
 python examples/epsilon_selection.py --workdir demo --out demo/out
 python -m hakubooru report demo/out --html demo/report.html --config tiny
+python -m trainers.lokr.cache --config tiny --shards demo/out   # VAE latents once (demo/out/latents), used by the training
 python -m trainers.lokr --config tiny --shards demo/out --output demo/train --max-steps 20 --set sample.every=10
 python -m trainers.lokr report demo/train
 rm -f demo/merged.safetensors  # a rerun of the demo merges anew (merge never overwrites)

@@ -39,6 +39,7 @@ _CHOICES = {
     "lokr.naming": ("sd-scripts", "diffusers"),
     "sample.sampler": ("EulerAncestralDiscreteScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler",
                        "DDIMScheduler", "UniPCMultistepScheduler", "HeunDiscreteScheduler"),
+    "data.latent_cache": ("auto", "off", "require"),
 }
 # (dotted key, lowest allowed value, exclusive?)
 _LOWER_BOUNDS = [

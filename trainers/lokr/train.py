@@ -26,6 +26,7 @@ from trainers.lokr.bucketing import make_buckets
 from trainers.lokr.config import check_resume_config, config_fingerprint, config_json
 from trainers.lokr.data import BatchDataset, BatchPlan, load_index, make_loader
 from trainers.lokr.distributed import Dist, all_reduce_grads, all_reduce_sum, barrier, init_distributed, shutdown
+from trainers.lokr.latent_cache import batch_dataset, cached_latents, open_cache
 from trainers.lokr.naming import to_diffusers
 from trainers.lokr.network import create_lokr, init_from_lokr, lokr_param_groups, lokr_state_dict, save_lokr
 from trainers.lokr.state import load_latest_state, save_state, state_dir
@@ -140,6 +141,7 @@ class Run:
     total_steps: int
     steps_per_epoch: int
     current_plan: BatchPlan
+    latent_cache: object = None  # trainers/lokr/latent_cache.py; None: encode the images
 
     @property
     def global_batch(self) -> int:
@@ -209,8 +211,9 @@ def setup(cfg: dict, shards, output, *, resume=None, allow_config_change: bool =
     total = tc["max_steps"] or tc["epochs"] * steps_per_epoch
     base_hash = models.base_model_hash(cfg["model"]["pretrained"]) if d.is_main else ""  # for LoKr metadata
     tags = metadata.tag_frequency(shards, index) if d.is_main else {}
+    cache = open_cache(cfg, shards, index, sdxl.vae, log=d.is_main)
     return Run(cfg, d, Path(shards), Path(output), index, buckets, sdxl, network, optimizer, scaler,
-               base_lrs, base_hash, tags, progress, total, steps_per_epoch, plan)
+               base_lrs, base_hash, tags, progress, total, steps_per_epoch, plan, cache)
 
 
 def _restore(cfg, d, index, resume, allow_config_change, sdxl, network, optimizer, scaler) -> Progress:
@@ -283,14 +286,19 @@ def micro_batch_loss(run: Run, batch: dict, micro_step: int) -> torch.Tensor:
     sdxl, tc, device = run.sdxl, run.cfg["train"], run.dist.device
     scheduler = sdxl.noise_scheduler
     amp = dict(device_type=device.type, dtype=AMP_DTYPES[tc["mixed_precision"]], enabled=tc["mixed_precision"] != "no")
-    pixels = batch["pixel_values"].to(device)
-    latent_shape = (sdxl.unet.config.in_channels, pixels.shape[2] // 8, pixels.shape[3] // 8)
+    cached = "latent_mean" in batch  # from the latent cache: no images, no VAE
+    pixels = None if cached else batch["pixel_values"].to(device)
+    latent_shape = tuple(batch["latent_mean"].shape[1:]) if cached else (
+        sdxl.unet.config.in_channels, pixels.shape[2] // 8, pixels.shape[3] // 8)
     draws = sample_draws(tc["seed"], micro_step, batch["ids"], latent_shape, scheduler.config.num_train_timesteps,
                          tc["noise_offset"])
     timesteps, noise = draws.timesteps.to(device), draws.noise.to(device)
-    with torch.no_grad():  # VAE in fp32, outside autocast
-        latent_dist = sdxl.vae.encode(pixels).latent_dist
-        latents = (latent_dist.mean + latent_dist.std * draws.latent_eps.to(device)) * sdxl.vae.config.scaling_factor
+    if cached:
+        latents = cached_latents(batch, draws.latent_eps, sdxl.vae.config.scaling_factor, device)
+    else:
+        with torch.no_grad():  # VAE in fp32, outside autocast
+            latent_dist = sdxl.vae.encode(pixels).latent_dist
+            latents = (latent_dist.mean + latent_dist.std * draws.latent_eps.to(device)) * sdxl.vae.config.scaling_factor
     noisy = scheduler.add_noise(latents, noise, timesteps)
     with torch.autocast(**amp), torch.set_grad_enabled(tc["train_text_encoders"]):
         context, pooled = encode_prompts(sdxl, batch["captions"], max_windows=run.cfg["data"]["max_windows"])
@@ -332,7 +340,7 @@ def _loop(run: Run) -> dict:
             if p.cursor >= usable:
                 p.epoch, p.cursor = p.epoch + 1, 0
             plan = run.plan(p.epoch)
-            dataset = BatchDataset(run.shards, run.index, plan, rank=d.rank, world_size=d.world_size,
+            dataset = batch_dataset(run.latent_cache)(run.shards, run.index, plan, rank=d.rank, world_size=d.world_size,
                                    seed=tc["seed"], epoch=p.epoch, random_crop=dc["random_crop"],
                                    shuffle_tags=dc["shuffle_tags"], tag_dropout=dc["tag_dropout"],
                                    protect_quality_year_rating=dc["protect_quality_year_rating"],
