@@ -27,11 +27,11 @@ from .db import fingerprint, open_db
 from .errors import HakubooruError
 from .images import IMAGE_EXTS, OWN_FORMAT, BadImage, ImagePolicy, prepare
 from .selector import Selection, load_selection
-from .shardwriter import CHECKSUM, ShardWriter
+from .shardwriter import CHECKSUM, ShardWriter, member_hash
 from .sources import ImageSource, MemberReader
 
 ROW_COLUMNS = ("id", "image_offset", "image_size", "txt_offset", "txt_size",
-               "json_offset", "json_size", "width", "height", "ext")
+               "json_offset", "json_size", "width", "height", "ext", *mf.HASH_COLUMNS)
 
 
 @dataclass
@@ -119,14 +119,14 @@ def _write_shard(out: str, k: int, entries: list, policy: ImagePolicy) -> tuple[
                     skipped.append([post_id, e.reason, e.detail])
                     continue
                 record = {**record, "width": stored.width, "height": stored.height}
-                spans = writer.write(str(post_id), {
-                    stored.ext: stored.data,
-                    "json": json.dumps(record, ensure_ascii=False).encode(),
-                    "txt": caption.encode(),
-                })
+                members = {stored.ext: stored.data,
+                           "json": json.dumps(record, ensure_ascii=False).encode(),
+                           "txt": caption.encode()}
+                spans = writer.write(str(post_id), members)
                 for name, ext in (("image", stored.ext), ("txt", "txt"), ("json", "json")):
                     rows[f"{name}_offset"].append(spans[ext][0])
                     rows[f"{name}_size"].append(spans[ext][1])
+                    rows[f"{name}_xxh3"].append(member_hash(members[ext]))
                 rows["id"].append(post_id)
                 rows["width"].append(stored.width)
                 rows["height"].append(stored.height)

@@ -38,7 +38,9 @@ INDEX_SCHEMA = pa.schema([
     ("txt_offset", pa.int64()), ("txt_size", pa.int64()),
     ("json_offset", pa.int64()), ("json_size", pa.int64()),
     ("width", pa.int32()), ("height", pa.int32()), ("ext", pa.string()),
+    ("image_xxh3", pa.uint64()), ("txt_xxh3", pa.uint64()), ("json_xxh3", pa.uint64()),
 ])
+HASH_COLUMNS = ("image_xxh3", "txt_xxh3", "json_xxh3")  # shardwriter.member_hash of each member
 SKIPPED_SCHEMA = pa.schema([("id", pa.int64()), ("reason", pa.string()), ("detail", pa.string())])
 
 
@@ -144,6 +146,8 @@ def finished_sidecar(out: Path, k: int, verify: bool) -> dict | None:
     sidecar = read_json(sidecar_path(out, k))
     tar = out / shard_name(k)
     if sidecar is None or not tar.is_file() or tar.stat().st_size != sidecar["size"]:
+        return None
+    if any(c not in sidecar["rows"] for c in HASH_COLUMNS):  # written before member hashes
         return None
     if verify and file_checksum(tar) != sidecar.get(CHECKSUM):
         return None

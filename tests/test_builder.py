@@ -147,7 +147,8 @@ def test_index_offsets_read_back_exactly(demo):
     out = demo["out"]
     index = pq.read_table(out / "index.parquet")
     assert index.schema.names == ["id", "shard", "image_offset", "image_size", "txt_offset",
-                                  "txt_size", "json_offset", "json_size", "width", "height", "ext"]
+                                  "txt_size", "json_offset", "json_size", "width", "height", "ext",
+                                  "image_xxh3", "txt_xxh3", "json_xxh3"]
     assert str(index.schema.field("width").type) == "int32"
     rows = index.to_pylist()
     assert [r["id"] for r in rows] == sorted(r["id"] for r in rows)
@@ -162,6 +163,7 @@ def test_index_offsets_read_back_exactly(demo):
         for part, ext in (("image", r["ext"]), ("txt", "txt"), ("json", "json")):
             got = data[r[f"{part}_offset"]:r[f"{part}_offset"] + r[f"{part}_size"]]
             assert got == members[(r["shard"], f"{r['id']}.{ext}")]
+            assert r[f"{part}_xxh3"] == xxhash.xxh3_64_intdigest(got)  # the trainer checks it
         record = json.loads(members[(r["shard"], f"{r['id']}.json")])
         assert (record["width"], record["height"]) == (r["width"], r["height"])
 

@@ -33,6 +33,7 @@ _CHOICES = {
     "train.mixed_precision": ("fp16", "bf16", "no"),
     "optimizer.name": ("Lion8bit",),
     "lokr.save_dtype": ("fp16", "bf16", "fp32"),
+    "data.on_corrupt": ("error", "skip"),
 }
 # (dotted key, lowest allowed value, exclusive?)
 _LOWER_BOUNDS = [

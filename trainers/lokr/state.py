@@ -116,9 +116,11 @@ def load_latest_state(folder: str | os.PathLike) -> tuple[Path, dict]:
     states = list_states(folder)
     if not states:
         raise HakubooruError(f"no training state in {folder} (states are written every train.save_every steps)")
-    for path in reversed(states):
+    for n, path in enumerate(reversed(states)):
         try:
             return path, read_state(path)
         except HakubooruError as e:
-            print(f"warning: {e}; falling back to the previous state", file=sys.stderr)
-    raise HakubooruError(f"every training state in {folder} is damaged; cannot resume")
+            if n + 1 < len(states):  # the last one fails with the error below
+                print(f"warning: {e}; falling back to the previous state", file=sys.stderr)
+    raise HakubooruError(f"every training state in {folder} is damaged ({len(states)}, newest "
+                         f"{states[-1].name}); cannot resume: start a new run in another --output")
