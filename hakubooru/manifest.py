@@ -22,7 +22,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import xxhash
 
-from .errors import HakubooruError
+from .buildlock import remove_temporaries
+from .errors import HakubooruError, reporting_full_disk
 from .shardwriter import CHECKSUM, file_checksum
 
 FORMAT = "hakubooru-shards/1"
@@ -59,10 +60,14 @@ def dump_json(obj, indent: int | None = 2) -> bytes:
 def _write_tmp(path: Path, data: bytes) -> Path:
     # a name of its own: parts (processes, possibly on several machines) may start at once
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "xb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with reporting_full_disk(path, len(data)), open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return tmp
 
 
@@ -156,10 +161,12 @@ def finished_sidecar(out: Path, k: int, verify: bool) -> dict | None:
 
 def assemble(out: Path, plan: dict) -> dict | None:
     """Write manifest.json, index.parquet and skipped.parquet if every shard is finished
-    (sizes checked against the sidecars); returns the manifest, or None if shards are missing."""
+    (sizes checked against the sidecars); returns the manifest, or None if shards are missing.
+    Hold the folder's BuildLock (``with lock:``) around it."""
     sidecars = [finished_sidecar(out, k, verify=False) for k in range(plan["shard_count"])]
     if any(s is None for s in sidecars):
         return None
+    remove_temporaries(out, (PLAN_FILE, MANIFEST_FILE, INDEX_FILE, SKIPPED_FILE))  # of killed runs
     columns = {name: [] for name in INDEX_SCHEMA.names}
     skipped = {name: [] for name in SKIPPED_SCHEMA.names}
     reasons: dict[str, int] = {}
