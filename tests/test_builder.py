@@ -513,3 +513,25 @@ def test_parts_starting_together_agree_on_one_plan(tmp_path):
     (tmp_path / "damaged" / mf.PLAN_FILE).write_text("{cut sh")
     with pytest.raises(HakubooruError, match="is damaged"):
         mf.check_or_write_plan(tmp_path / "damaged", plan)
+
+
+def test_upper_case_member_extensions_reach_the_shards(demo, tmp_path):
+    # an archive naming its members 123.WEBP: matched case-insensitively, stored as .webp
+    sources = archive_members(demo["images"])
+    a, b = sorted(sources)[:2]
+    images = tmp_path / "images"
+    images.mkdir()
+    with tarfile.open(images / "upper.tar", "w") as tar:  # not data-NNNN: always read
+        for post_id, name in ((a, f"{a}.WEBP"), (b, f"{b}.Webp")):
+            info = tarfile.TarInfo(name)
+            info.size = len(sources[post_id])
+            tar.addfile(info, io.BytesIO(sources[post_id]))
+    Selector.ids([a, b]).save(tmp_path / "sel.parquet", open_db(demo["db"]))
+    result = build_shards(demo["db"], images, tmp_path / "sel.parquet", tmp_path / "out",
+                          cache_dir=tmp_path / "c", progress=False)
+    assert result.written == 2 and result.skipped == {}
+    with tarfile.open(tmp_path / "out" / "shard-000000.tar") as tar:
+        names = tar.getnames()
+        assert tar.extractfile(f"{a}.webp").read() == sources[a]
+    assert names == [f"{a}.json", f"{a}.txt", f"{a}.webp", f"{b}.json", f"{b}.txt", f"{b}.webp"]
+    assert pq.read_table(tmp_path / "out" / "index.parquet").column("ext").to_pylist() == ["webp", "webp"]

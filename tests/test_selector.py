@@ -245,3 +245,37 @@ def test_unwritable_output_is_one_line(dbfile, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
     assert "/proc/no-such-dir" in err
+
+
+def test_ids_error_names_the_bad_value():
+    with pytest.raises(HakubooruError, match=r"integer post ids, got 'x'$"):
+        Selector.ids([1, 2, "x"])
+    with pytest.raises(HakubooruError, match=r"got 2\.5$"):
+        Selector.ids([1, 2.5])
+    with pytest.raises(HakubooruError, match=r"got True$"):
+        Selector.ids([True])
+
+
+def test_seeds_outside_64_bits_are_refused(db):
+    for seed in (2**64, 2**70, -1):
+        with pytest.raises(HakubooruError, match=rf"seed must be in \[0, 2\*\*64\), got {seed}"):
+            Selector.all().sample(3, seed=seed)
+    # the top of the range is a seed of its own: hash64 by hand, not the ids of seed 0
+    top = sorted(sorted(ALL, key=lambda i: (hash64(2**64 - 1, i), i))[:3])
+    assert ids(Selector.all().sample(3, seed=2**64 - 1), db) == top
+
+
+def test_tags_none_with_several_tags(db):
+    # 1girl: posts 1 (also long_hair), 20 (also vocaloid), 2_000_000; each none tag drops its own
+    assert ids(Selector.tags(all=["1girl"], none=["long_hair", "vocaloid"]), db) == [2_000_000]
+    assert ids(Selector.tags(all=["1girl"], none=["long_hair"]), db) == [20, 2_000_000]
+    assert ids(Selector.tags(all=["1girl"], none=["vocaloid"]), db) == [1, 2_000_000]
+    # none= alone: every post without 1girl and without highres (1, 20, 2_000_000, 4_999_999 go)
+    assert ids(Selector.tags(none=["1girl", "highres"]), db) == \
+        [2, 3, 4, 5, 10, 2_000_001, 5_000_000, 7_000_000]
+
+
+def test_sample_of_exactly_all_candidates(db):
+    # 7 posts below id 2_000_000: n = 7 takes them all, without allow_fewer
+    assert ids(Selector.id_range(0, 2_000_000).sample(7, seed=1), db) == [1, 2, 3, 4, 5, 10, 20]
+    assert ids(Selector.id_range(0, 2_000_000).sample(0, seed=1), db) == []
