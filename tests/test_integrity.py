@@ -165,3 +165,13 @@ def _tiny_buckets(cfg):
     dc = cfg["data"]
     return make_buckets(area=dc["resolution"] ** 2, min_side=dc["bucket_min"], max_side=dc["bucket_max"],
                         step=dc["bucket_step"])
+
+
+def test_damage_found_in_a_dataloader_worker_is_still_one_line(folder):
+    ix, plan, row = _first_batch_row(folder)
+    post, shard = int(ix.ids[row]), ix.shard_names[ix.shard[row]]
+    flip(folder / shard, int(ix.image_offset[row]) + 80)
+    with pytest.raises(CorruptMember) as e:
+        list(make_loader(BatchDataset(folder, ix, plan), workers=1))
+    assert str(e.value).startswith(f"{shard}: post {post}, member {post}.png: its bytes differ")
+    assert "\n" not in str(e.value) and "Traceback" not in str(e.value)

@@ -261,8 +261,21 @@ def _pixels(image: Image.Image) -> torch.Tensor:
 
 
 def make_loader(dataset: BatchDataset, start: int = 0, workers: int = 0):
-    """A DataLoader over batches ``start, start+1, …`` of ``dataset`` (already collated, so
-    ``batch_size=None``). Resuming at batch k costs O(1): nothing before k is read."""
-    return torch.utils.data.DataLoader(dataset, batch_size=None,
-                                       sampler=range(start, len(dataset)),
-                                       num_workers=workers)
+    """An iterable over batches ``start, start+1, …`` of ``dataset`` (a DataLoader with
+    ``batch_size=None``: they come collated). Resuming at batch k costs O(1): nothing before k is
+    read. A HakubooruError raised in a worker process arrives as its own one line."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, sampler=range(start, len(dataset)),
+                                         num_workers=workers)
+    return _one_line_errors(loader) if workers else loader
+
+
+def _one_line_errors(loader):
+    """torch re-raises a worker's exception with the worker's traceback as its message; give a
+    HakubooruError back its own message (the traceback's last line, after the class name)."""
+    try:
+        yield from loader
+    except HakubooruError as e:
+        lines = str(e).strip().splitlines()
+        if len(lines) > 1 and lines[0].startswith("Caught "):
+            raise type(e)(lines[-1].split(": ", 1)[-1]) from None
+        raise
