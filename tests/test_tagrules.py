@@ -61,3 +61,16 @@ def test_format_keeps_underscores_up_to_three_characters():
                                        (2021, "newest"), (2024, "newest"), (2030, "newest")])
 def test_year_boundaries(year, tag):
     assert year_tag(year) == tag
+
+
+def test_year_table_covers_every_four_digit_year():
+    from hakubooru.tagrules import year_tag_table
+    table = year_tag_table()
+    assert len(table) == 10000 and table["0000"] == "old" and table["9999"] == "newest"
+    assert table["2011"] == "early" and table["2010"] == "old"
+
+
+def test_people_order_only_inside_the_people_group():
+    # a people-count name sorted in another group (a subclass may put it there) goes by popularity
+    assert RULES.sort_key("general", "1girl", 5) == (-5, "1girl")
+    assert RULES.sort_key("people", "1boy", 5) == (7, "")
