@@ -102,3 +102,12 @@ def test_default_cutoff_is_id_7_500_000(tmp_path):
     records = {pid: rec for pid, _, rec in Captioner(hand).captions(np.array([7_500_000, 7_500_001]))}
     assert records[7_500_000]["quality"] == ["worst quality"]  # 10 is not above any threshold (10)
     assert records[7_500_001]["quality"] == []
+
+
+def test_fixed_table_rejects_non_numbers_and_one_adjacent_decrease():
+    with pytest.raises(HakubooruError, match="must be numbers"):
+        QualityThresholds({"general": {90: None, 75: 8, 60: 6, 45: 4, 30: 2, 10: 1}})
+    # ascending by percentile 10..90: 1, 3, 2, 4, 5, 6 -- only 30 -> 45 decreases
+    with pytest.raises(HakubooruError, match="must not decrease"):
+        QualityThresholds({"general": {10: 1, 30: 3, 45: 2, 60: 4, 75: 5, 90: 6}})
+    QualityThresholds({"general": {10: 1, 30: 2, 45: 2, 60: 4, 75: 5, 90: 6}})  # equal is fine
