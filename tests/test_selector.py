@@ -279,3 +279,16 @@ def test_sample_of_exactly_all_candidates(db):
     # 7 posts below id 2_000_000: n = 7 takes them all, without allow_fewer
     assert ids(Selector.id_range(0, 2_000_000).sample(7, seed=1), db) == [1, 2, 3, 4, 5, 10, 20]
     assert ids(Selector.id_range(0, 2_000_000).sample(0, seed=1), db) == []
+
+
+def test_null_flags_are_not_flags(tmp_path):
+    # posts whose is_deleted / is_banned are NULL are neither deleted nor banned; a NULL rating
+    # or file_ext matches no rating and no image extension
+    rows = [post(1), dict(post(2), is_deleted=None, is_banned=None), post(3, deleted=1, banned=1),
+            dict(post(4), rating=None, file_ext=None)]
+    nulls = open_db(write_db(tmp_path / "nulls.db", rows, TAGS, []))
+    for source in (Selector.all(), Selector.ids([1, 2, 3, 4])):  # SQL and materialised paths
+        assert ids(source.exclude_deleted(), nulls) == [1, 2, 4]
+        assert ids(source.exclude_banned(), nulls) == [1, 2, 4]
+        assert ids(source.rating("general"), nulls) == [1, 2, 3]
+        assert ids(source.images_only(), nulls) == [1, 2, 3]
