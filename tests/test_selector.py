@@ -292,3 +292,16 @@ def test_null_flags_are_not_flags(tmp_path):
         assert ids(source.exclude_banned(), nulls) == [1, 2, 4]
         assert ids(source.rating("general"), nulls) == [1, 2, 3]
         assert ids(source.images_only(), nulls) == [1, 2, 3]
+
+
+def test_size_bounds_are_inclusive(db):
+    # post 1 is 3000x1000, 4_999_999 is 500x500, every other post 1000x800
+    assert 1 in ids(Selector.all().size(max_width=3000), db)
+    assert 1 not in ids(Selector.all().size(max_width=2999), db)
+    assert ids(Selector.all().size(min_width=3000, min_height=1000, max_height=1000), db) == [1]
+    assert 4_999_999 in ids(Selector.all().size(min_pixels=500 * 500, max_pixels=500 * 500), db)
+
+
+def test_ids_from_any_iterable(db):
+    assert ids(Selector.ids(i for i in (20, 1)), db) == [1, 20]
+    assert ids(Selector.ids(range(1, 4)), db) == [1, 2, 3]
