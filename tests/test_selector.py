@@ -305,3 +305,22 @@ def test_size_bounds_are_inclusive(db):
 def test_ids_from_any_iterable(db):
     assert ids(Selector.ids(i for i in (20, 1)), db) == [1, 20]
     assert ids(Selector.ids(range(1, 4)), db) == [1, 2, 3]
+
+
+def test_explain_draws_the_tree(db):
+    sel = (Selector.id_range(0, 2_000_000).sample(4, seed=3) | Selector.id_range(5_000_000)) \
+        .exclude_deleted()
+    # the union's 6 posts less post 2 (deleted), which seed 3's sample of 4 holds
+    assert 2 in ids(Selector.id_range(0, 2_000_000).sample(4, seed=3), db)
+    assert sel.explain(db).splitlines() == [
+        "exclude_deleted  [5]",
+        "└─ union  [6]",
+        "   ├─ sample(n=4, seed=3)  [4]",
+        "   │  └─ id_range(0, 2000000)  [7]",
+        "   └─ id_range(5000000, None)  [2]",
+    ]
+
+
+def test_seed_zero_is_a_seed(db):
+    expected = sorted(sorted(ALL, key=lambda i: (hash64(0, i), i))[:3])
+    assert ids(Selector.all().sample(3, seed=0), db) == expected
