@@ -4,6 +4,7 @@ that concern it. Slow (a pytest run per mutant): not part of CI. Results: docs/t
     python scripts/mutation.py                      # every module of MODULES below
     python scripts/mutation.py hakubooru/rng.py     # some of them
     python scripts/mutation.py --list               # the modules, their tests and line ranges
+    python scripts/mutation.py --work W --recheck   # run W's survivors again with today's tests
 
 cosmic-ray writes each mutant into the source file, so the run happens in a copy of the working
 tree (under --work, default a temporary folder); your checkout is never modified. The operators
@@ -79,20 +80,27 @@ def copy_tree(dest: Path) -> None:
             shutil.copy2(src, dest / name)
 
 
-def run_module(work: Path, module: str, tests: str, lines, timeout: float, sample: int) -> dict:
-    """Init, filter and execute one module's session; returns its counts and survivors."""
+def write_config(work: Path, module: str, tests: str, timeout: float) -> Path:
+    """The cosmic-ray config of one module's session."""
     stem = module.replace("/", "_").removesuffix(".py")
-    config, session = work / f"{stem}.toml", work / f"{stem}.sqlite"
-    python = sys.executable
+    config = work / f"{stem}.toml"
     config.write_text(
         "[cosmic-ray]\n"
         f"module-path = {json.dumps(module)}\n"
         f"timeout = {timeout}\n"
         "excluded-modules = []\n"
-        f"test-command = {json.dumps(f'{python} -m pytest -x -q -p no:cacheprovider {tests}')}\n"
+        f"test-command = {json.dumps(f'{sys.executable} -m pytest -x -q -p no:cacheprovider {tests}')}\n"
         "[cosmic-ray.distributor]\nname = \"local\"\n"
         "[cosmic-ray.filters.operators-filter]\n"
         f"exclude-operators = {json.dumps(excluded_operators())}\n")
+    return config
+
+
+def run_module(work: Path, module: str, tests: str, lines, timeout: float, sample: int) -> dict:
+    """Init, filter and execute one module's session; returns its counts and survivors."""
+    stem = module.replace("/", "_").removesuffix(".py")
+    config, session = write_config(work, module, tests, timeout), work / f"{stem}.sqlite"
+    python = sys.executable
     env = dict(os.environ, PYTHONPATH=str(work), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     cr = Path(python).with_name("cosmic-ray")
     session.unlink(missing_ok=True)
@@ -115,6 +123,22 @@ def run_module(work: Path, module: str, tests: str, lines, timeout: float, sampl
                            "VALUES ('SKIPPED', 'not in the sample', ?)",
                            [(j,) for i, j in enumerate(left) if i % step])
     subprocess.run([str(cr), "exec", str(config), str(session)], cwd=work, env=env, check=True)
+    return summarize(session, work / f"{stem}.survivors.txt")
+
+
+def recheck(work: Path, module: str, tests: str, timeout: float) -> dict | None:
+    """Run the survivors of ``module``'s session in ``work`` again with ``tests`` (after today's
+    tree was copied in); None if the module has no session there."""
+    stem = module.replace("/", "_").removesuffix(".py")
+    session = work / f"{stem}.sqlite"
+    if not session.is_file():
+        return None
+    config = write_config(work, module, tests, timeout)
+    with sqlite3.connect(session) as db:
+        db.execute("DELETE FROM work_results WHERE test_outcome = 'SURVIVED'")
+    env = dict(os.environ, PYTHONPATH=str(work), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    subprocess.run([str(Path(sys.executable).with_name("cosmic-ray")), "exec", str(config), str(session)],
+                   cwd=work, env=env, check=True)
     return summarize(session, work / f"{stem}.survivors.txt")
 
 
@@ -145,6 +169,8 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per mutant's test run")
     p.add_argument("--sample", type=int, default=0,
                    help="run at most about this many mutants per module (every k-th); 0 = all")
+    p.add_argument("--recheck", action="store_true",
+                   help="with --work: copy today's tree in and run the survivors of its sessions again")
     p.add_argument("--list", action="store_true")
     args = p.parse_args()
     if args.list:
@@ -154,13 +180,20 @@ def main() -> None:
     unknown = [m for m in args.modules if m not in MODULES]
     if unknown:
         sys.exit(f"error: not in MODULES: {', '.join(unknown)} (see --list)")
+    if args.recheck and not args.work:
+        sys.exit("error: --recheck needs the --work folder of an earlier run")
     work = args.work or Path(tempfile.mkdtemp(prefix="hakubooru-mutation-"))
     work.mkdir(parents=True, exist_ok=True)
     copy_tree(work)
     total = {"killed": 0, "survived": 0, "incompetent": 0}
     for module in args.modules or list(MODULES):
         tests, lines = MODULES[module]
-        counts = run_module(work, module, tests, lines, args.timeout, args.sample)
+        if args.recheck:
+            counts = recheck(work, module, tests, args.timeout)
+            if counts is None:
+                continue
+        else:
+            counts = run_module(work, module, tests, lines, args.timeout, args.sample)
         for k in total:
             total[k] += counts[k]
         scored = counts["killed"] + counts["survived"]
