@@ -56,6 +56,10 @@ def test_impossible_bucket_settings_rejected():
         make_buckets(A, 512, 256, 64)
     with pytest.raises(HakubooruError):
         make_buckets(A, 256, 4096, 0)
+    for area, low in ((0, 256), (-64, 256), (A, 0)):  # each bound on its own
+        with pytest.raises(HakubooruError, match="impossible buckets"):
+            make_buckets(area, low, 4096, 64)
+    assert make_buckets(64 * 64, 64, 64, 64) == [(64, 64)]  # min_side == max_side is possible
 
 
 def test_assignment_nearest_aspect_ratio():

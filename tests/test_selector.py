@@ -324,3 +324,17 @@ def test_explain_draws_the_tree(db):
 def test_seed_zero_is_a_seed(db):
     expected = sorted(sorted(ALL, key=lambda i: (hash64(0, i), i))[:3])
     assert ids(Selector.all().sample(3, seed=0), db) == expected
+
+
+def test_filters_of_an_empty_set(db):
+    assert ids(Selector.ids([]).exclude_deleted(), db) == []
+    assert ids(Selector.ids([999]).images_only(), db) == []  # no such post
+
+
+def test_selection_with_unreadable_metadata(db, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    table = pa.table({"id": pa.array([1, 20], pa.int64())}).replace_schema_metadata({"hakubooru": "{not json"})
+    pq.write_table(table, tmp_path / "bad.parquet")
+    with pytest.raises(HakubooruError, match=r"bad.parquet: damaged selection metadata \(JSONDecodeError"):
+        load_selection(tmp_path / "bad.parquet")
