@@ -148,3 +148,37 @@ def test_full_disk_while_saving_a_training_state(small_disk):
         save_state(small_disk / "states", 2, {"w": torch.zeros(100_000)}, keep=3)  # 400 KB
     assert [p.name for p in list_states(small_disk / "states")] == ["state-00000001.state"]
     assert sorted(p.name for p in (small_disk / "states").iterdir()) == ["state-00000001.state"]
+
+
+class _FillingFile:
+    """A real file that fails like a full disk once ``room`` bytes were written (where no tmpfs
+    can be mounted, the full disk is injected at the write call)."""
+
+    def __init__(self, f, room: list):
+        self._f, self._room = f, room
+
+    def write(self, data):
+        if len(data) > self._room[0]:
+            raise OSError(28, "No space left on device")  # ENOSPC
+        self._room[0] -= len(data)
+        return self._f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
+def test_full_disk_injected_at_the_shard_write(demo, tmp_path, monkeypatch):
+    import builtins
+
+    import hakubooru.shardwriter as sw
+    room = [150_000]  # the first shard (about 200 KB) does not fit
+    monkeypatch.setattr(sw, "open", lambda *a, **k: _FillingFile(builtins.open(*a, **k), room), raising=False)
+    out = tmp_path / "out"
+    with pytest.raises(HakubooruError) as e:
+        build(demo, out)
+    assert str(e.value).startswith(f"no space left on the device writing {out}/.shard-000000.tar.tmp: ")
+    assert "MiB free, at least" in str(e.value)
+    assert not list(out.glob(".shard-*.tmp")) and not list(out.glob("shard-*.tar"))
+    monkeypatch.undo()
+    assert build(demo, out).complete  # with space again, the rerun builds the folder
+    assert folder_bytes(out) == folder_bytes(demo["out"])
