@@ -139,3 +139,30 @@ def test_crop_box_always_covers_the_bucket():
 def test_crop_box_rejects_empty_sizes():
     with pytest.raises(HakubooruError):
         crop_box(0, 10, 64, 64)
+
+
+def test_widest_and_tallest_buckets_reach_max_side():
+    # w = 4096: h = min(4096, 1048576 // 4096 // 64 * 64) = 256 -> (4096, 256) and (256, 4096)
+    buckets = make_buckets(1024 * 1024, 256, 4096, 64)
+    assert (4096, 256) in buckets and (256, 4096) in buckets
+    assert make_buckets() == buckets  # the defaults are the recipe's
+
+
+def test_crop_offsets_by_hand():
+    # 100x61 into 50x30: relatively taller (100*30 < 50*61) -> width fits: rw = 50,
+    # rh = (2*61*50 + 100) // 200 = 31 -> overhang 0 x 1; centred top = 1 // 2 = 0
+    assert crop_box(100, 61, 50, 30) == (50, 31, 0, 0)
+    # 100x65 into 50x30: rh = (2*65*50+100)//200 = 33,
+    # overhang 3, centred top 1 (an int: 3 // 2)
+    top = crop_box(100, 65, 50, 30)[2]
+    assert top == 1 and isinstance(top, int)
+    # random crop at floor(u * (overhang + 1)): u = 0.999 reaches the last offset, 3; the default
+    # u = 0.5 gives floor(0.5 * 4) = 2
+    assert crop_box(100, 65, 50, 30, random_crop=True, u=0.999) == (50, 33, 3, 0)
+    assert crop_box(100, 65, 50, 30, random_crop=True) == (50, 33, 2, 0)
+    assert crop_box(1, 1, 8, 8) == (8, 8, 0, 0)  # a one-pixel image is an image
+
+
+def test_one_pixel_images_are_assigned():
+    buckets = [(32, 128), (64, 64), (128, 32)]
+    assert assign_buckets([1, 5, 1], [5, 1, 1], buckets).tolist() == [0, 2, 1]
