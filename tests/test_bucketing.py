@@ -160,6 +160,10 @@ def test_crop_offsets_by_hand():
     # u = 0.5 gives floor(0.5 * 4) = 2
     assert crop_box(100, 65, 50, 30, random_crop=True, u=0.999) == (50, 33, 3, 0)
     assert crop_box(100, 65, 50, 30, random_crop=True) == (50, 33, 2, 0)
+    # 130x50 into 60x30: wider (130*30 > 60*50): rw = (2*130*30 + 50) // 100 = 78, overhang 18;
+    # u = 0.999 -> left = floor(0.999 * 19) = 18, the last offset
+    assert crop_box(130, 50, 60, 30, random_crop=True, u=0.999) == (78, 30, 0, 18)
+    assert crop_box(130, 50, 60, 30) == (78, 30, 0, 9)
     assert crop_box(1, 1, 8, 8) == (8, 8, 0, 0)  # a one-pixel image is an image
 
 
