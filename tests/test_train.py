@@ -172,3 +172,24 @@ def test_timesteps_cover_the_whole_schedule():
     assert sorted(set(draws.timesteps.tolist())) == [0, 1, 2, 3]
     full = sample_draws(0, 0, torch.arange(20_000), (1, 1, 1), 1000, 0.0).timesteps
     assert int(full.min()) == 0 and int(full.max()) == 999
+
+
+def test_weighted_mse_of_nonzero_predictions():
+    # pred 1, noise 3: (1 - 3)^2 = 4 per element; weight 0.25 -> 1.0
+    pred, noise = torch.ones(1, 2, 2, 2), 3 * torch.ones(1, 2, 2, 2)
+    assert diffusion_loss(pred, noise, torch.tensor([0.25])).item() == 1.0
+
+
+def test_draws_follow_the_documented_order():
+    # per sample, one generator seeded hash64(seed, micro_step, id) draws in this order:
+    # timestep, latent noise (C,H,W), offset (C,1,1), noise (C,H,W); noise += offset * noise_offset
+    from hakubooru.rng import hash64
+    got = sample_draws(5, 2, torch.tensor([9]), (3, 2, 2), 1000, 0.5)
+    g = torch.Generator().manual_seed(hash64(5, 2, 9))
+    t = torch.randint(0, 1000, (1,), generator=g)
+    latent = torch.randn((3, 2, 2), generator=g)
+    offset = torch.randn((3, 1, 1), generator=g)
+    noise = torch.randn((3, 2, 2), generator=g)
+    assert got.timesteps.tolist() == t.tolist()
+    assert torch.equal(got.latent_eps[0], latent)
+    assert torch.equal(got.noise[0], noise + 0.5 * offset)
