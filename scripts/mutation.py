@@ -36,7 +36,7 @@ MODULES = {
     "hakubooru/selector.py": (f"tests/test_selector.py -k '{SLOW}'", None),
     "trainers/lokr/bucketing.py": ("tests/test_bucketing.py", None),
     "trainers/lokr/integrity.py": ("tests/test_integrity.py -k 'not training'", None),
-    "hakubooru/captioner.py": (f"tests/test_captioner.py tests/test_caption_quality.py -k '{SLOW}'", None),
+    "hakubooru/captioner.py": (f"tests/test_captioner.py tests/test_captioner_edges.py tests/test_caption_quality.py -k '{SLOW}'", None),
     # the step functions of train.py (lr_factor .. diffusion_loss), with their unit tests
     "trainers/lokr/train.py": ("tests/test_train.py -k 'min_snr or draws or warmup or mse or timesteps'",
                                "step-functions"),
