@@ -50,3 +50,16 @@ def test_non_integer_relation_names_the_posts(tmp_path):
                           [(1, "smile", G, 5)], [(1, 1), (2, "x")]))
     with pytest.raises(HakubooruError, match=r"not integers \(posts 1\.\.2\)"):
         list(Captioner(db).captions(np.array([1, 2])))
+
+
+def test_unknown_rating_and_negative_tag_id(tmp_path):
+    # rating code 7 is no rating: counted, no quality tag (not taken for "general");
+    # a relation to tag id -1 is a missing tag, not the table's last tag
+    posts = [post(1, fav=5), post(2, rating=7, fav=5)]
+    db = open_db(write_db(tmp_path / "u.db", posts, [(1, "smile", G, 5), (2, "hat", G, 9)],
+                          [(1, 1), (2, 1), (2, -1)]))
+    captioner = Captioner(db)
+    records = {pid: rec for pid, _, rec in captioner.captions(np.array([1, 2]))}
+    assert records[1]["quality"] == ["worst quality"]  # fav 5 is not above general's thresholds (5)
+    assert records[2]["quality"] == [] and records[2]["general"] == ["smile"]
+    assert captioner.stats["unknown_rating"] == 1 and captioner.stats["missing_tag"] == 1
