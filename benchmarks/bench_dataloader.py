@@ -1,6 +1,8 @@
 """Trainer data loading: images/s of one worker turning ~4 MP webp samples into 1024²-bucket
 tensors (read by offset + decode + resize-to-cover + crop + normalise + caption), next to bare
 PIL decode of the same files in the same run. Target: ≥ 80% of bare decode.
+Also the cost of checking each member read against its build-time hash (xxh3-64 of the image
+and .json bytes, part of BatchDataset[i]), next to bare decode. Target: < 3% of decode.
 Also the time to plan one epoch of 5,000,000 index rows, next to one bare argsort of as many
 random keys (the least any shuffle costs).
 
@@ -26,6 +28,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hakubooru.rng import generator  # noqa: E402
+from hakubooru.shardwriter import member_hash  # noqa: E402
 from tests.shardfactory import write_shard_folder  # noqa: E402
 from trainers.lokr.bucketing import make_buckets  # noqa: E402
 from trainers.lokr.data import BatchDataset, BatchPlan, ShardIndex, load_index  # noqa: E402
@@ -75,15 +78,17 @@ def timed(fn) -> np.ndarray:
     return np.array([time.perf_counter() - wall, time.process_time() - cpu])
 
 
-def measure(blobs: list[bytes], dataset: BatchDataset, rounds: int) -> tuple[np.ndarray, np.ndarray]:
-    """Total (wall, CPU) seconds of bare decode and of ``dataset[i]`` over all images and
-    rounds, alternating image by image so both sides see the same load on a shared machine."""
-    base, ours = np.zeros(2), np.zeros(2)
+def measure(blobs: list[bytes], records: list[bytes], dataset: BatchDataset, rounds: int):
+    """Total (wall, CPU) seconds of bare decode, of ``dataset[i]`` and of the member-hash check
+    over all images and rounds, alternating image by image so all see the same load on a
+    shared machine."""
+    base, ours, check = np.zeros(2), np.zeros(2), np.zeros(2)
     for _ in tqdm(range(rounds), desc="rounds", unit="round"):
         for i, blob in enumerate(blobs):
             base += timed(lambda: Image.open(io.BytesIO(blob)).load())
             ours += timed(lambda: dataset[i])
-    return base, ours
+            check += timed(lambda: (member_hash(blob), member_hash(records[i])))
+    return base, ours, check
 
 
 def plan_5m(rows: int = 5_000_000) -> tuple[float, float]:
@@ -115,15 +120,17 @@ def main() -> None:
     torch.set_num_threads(1)  # a DataLoader worker runs with one thread
     folder = make_data(args.data, args.n, w, h)
     index = load_index(folder)
-    blobs = []
+    blobs, records = [], []
     for row in range(len(index)):
         with open(folder / index.shard_names[index.shard[row]], "rb") as f:
             f.seek(index.image_offset[row])
             blobs.append(f.read(index.image_size[row]))
+            f.seek(index.json_offset[row])
+            records.append(f.read(index.json_size[row]))
     buckets = make_buckets(1024 * 1024, 256, 4096, 64)
     dataset = BatchDataset(folder, index, BatchPlan(index, 1, 0, 0, buckets))
     bucket = dataset.plan.bucket_of(0)
-    base, mine = measure(blobs, dataset, args.rounds)
+    base, mine, check = measure(blobs, records, dataset, args.rounds)
     count = len(blobs) * args.rounds
     print(f"data: {len(index)} webp of {w}x{h} ({w * h / 1e6:.1f} MP, "
           f"{sum(map(len, blobs)) / len(blobs) / 1e6:.2f} MB each) -> bucket {bucket[0]}x{bucket[1]}, "
@@ -132,6 +139,10 @@ def main() -> None:
         print(f"by {label}: bare PIL decode {count / base[k]:6.2f} images/s, BatchDataset "
               f"(decode+resize+crop+normalise+caption) {count / mine[k]:6.2f} images/s, "
               f"ratio {base[k] / mine[k]:.1%} (target >= 80%)")
+    for label, k in (("CPU time", 1), ("wall time", 0)):
+        print(f"member hash check (xxh3-64 of image + .json, inside BatchDataset[i]) by {label}: "
+              f"{check[k] / count * 1e3:.3f} ms/sample = {check[k] / base[k]:.2%} of bare decode "
+              f"({base[k] / count * 1e3:.1f} ms/image) (target < 3%)")
     plan, bare = plan_5m()
     print(f"BatchPlan, 5,000,000 rows, global batch 16: {plan:.2f} s; one argsort of 5,000,000 "
           f"keys: {bare:.2f} s; ratio {plan / bare:.1f}x")

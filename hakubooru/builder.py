@@ -22,16 +22,17 @@ import numpy as np
 from tqdm import tqdm
 
 from . import manifest as mf
+from .buildlock import BuildLock, remove_temporaries
 from .captioner import Captioner
 from .db import fingerprint, open_db
 from .errors import HakubooruError
 from .images import IMAGE_EXTS, OWN_FORMAT, BadImage, ImagePolicy, prepare
 from .selector import Selection, load_selection
-from .shardwriter import CHECKSUM, ShardWriter
+from .shardwriter import CHECKSUM, ShardWriter, member_hash
 from .sources import ImageSource, MemberReader
 
 ROW_COLUMNS = ("id", "image_offset", "image_size", "txt_offset", "txt_size",
-               "json_offset", "json_size", "width", "height", "ext")
+               "json_offset", "json_size", "width", "height", "ext", *mf.HASH_COLUMNS)
 
 
 @dataclass
@@ -119,14 +120,14 @@ def _write_shard(out: str, k: int, entries: list, policy: ImagePolicy) -> tuple[
                     skipped.append([post_id, e.reason, e.detail])
                     continue
                 record = {**record, "width": stored.width, "height": stored.height}
-                spans = writer.write(str(post_id), {
-                    stored.ext: stored.data,
-                    "json": json.dumps(record, ensure_ascii=False).encode(),
-                    "txt": caption.encode(),
-                })
+                members = {stored.ext: stored.data,
+                           "json": json.dumps(record, ensure_ascii=False).encode(),
+                           "txt": caption.encode()}
+                spans = writer.write(str(post_id), members)
                 for name, ext in (("image", stored.ext), ("txt", "txt"), ("json", "json")):
                     rows[f"{name}_offset"].append(spans[ext][0])
                     rows[f"{name}_size"].append(spans[ext][1])
+                    rows[f"{name}_xxh3"].append(member_hash(members[ext]))
                 rows["id"].append(post_id)
                 rows["width"].append(stored.width)
                 rows["height"].append(stored.height)
@@ -145,10 +146,10 @@ def _commit_shard(out: str, k: int, writer: ShardWriter, sidecar: dict) -> dict:
     rename leaves only a temporary file, which the next run rebuilds."""
     try:
         writer.sync()
+        mf.write_sidecar(Path(out), k, sidecar)
     except BaseException:
         writer.abort()
         raise
-    mf.write_sidecar(Path(out), k, sidecar)
     writer.publish()
     return sidecar
 
@@ -220,38 +221,42 @@ def build_shards(db, images, selection, out, *, captioner=None, caption_options=
         "shard_count": shard_count,
     }
     mf.check_or_write_plan(out, plan)
+    with BuildLock(out) as lock:
+        blocks = [range(k * shard_size, min(len(ids), (k + 1) * shard_size))
+                  for k in range(shard_count)]
+        mine = [k for k in range(shard_count) if k % part_n == part_i]
+        lock.take_shards(mine, mf.shard_name)
+        remove_temporaries(out, [mf.shard_name(k) for k in mine])  # left by a killed run
+        remove_temporaries(out / mf.PARTS_DIR, [mf.sidecar_path(out, k).name for k in mine])
+        result = BuildResult(out, shard_count, selected=sum(len(blocks[k]) for k in mine),
+                             ignored_members=source.ignored_members,
+                             cut_short_tars=source.cut_short_tars)
+        pending = []
+        for k, sidecar in zip(mine, tqdm(_verify(out, mine, workers), total=len(mine), leave=False,
+                                         desc="verifying finished shards", unit="shard",
+                                         disable=not progress)):
+            if sidecar is None:
+                pending.append(k)
+            else:
+                _count(result, sidecar)
+                result.shards_verified += 1
 
-    blocks = [range(k * shard_size, min(len(ids), (k + 1) * shard_size))
-              for k in range(shard_count)]
-    mine = [k for k in range(shard_count) if k % part_n == part_i]
-    result = BuildResult(out, shard_count, selected=sum(len(blocks[k]) for k in mine),
-                         ignored_members=source.ignored_members,
-                         cut_short_tars=source.cut_short_tars)
-    pending = []
-    for k, sidecar in zip(mine, tqdm(_verify(out, mine, workers), total=len(mine), leave=False,
-                                     desc="verifying finished shards", unit="shard",
-                                     disable=not progress)):
-        if sidecar is None:
-            pending.append(k)
-        else:
-            _count(result, sidecar)
-            result.shards_verified += 1
-
-    rows = np.concatenate([np.arange(blocks[k].start, blocks[k].stop) for k in pending] or [[]])
-    rows = rows.astype(np.int64)
-    captions = iter(captioner.captions(ids[rows[located.found[rows]]]))
-    tasks = _shard_entries(pending, blocks, ids, located, captions)
-    bar = tqdm(total=sum(len(blocks[k]) for k in pending), desc="building shards", unit="img",
-               disable=not progress, smoothing=0.1)
-    try:
-        for sidecar in _run(tasks, str(out), policy, workers):
-            _count(result, sidecar)
-            result.shards_built += 1
-            bar.update(sidecar["samples"] + len(sidecar["skipped"]))
-            bar.set_postfix(written=result.written, skipped=sum(result.skipped.values()))
-    finally:
-        bar.close()
-    result.complete = mf.assemble(out, plan) is not None
+        rows = np.concatenate([np.arange(blocks[k].start, blocks[k].stop) for k in pending] or [[]])
+        rows = rows.astype(np.int64)
+        captions = iter(captioner.captions(ids[rows[located.found[rows]]]))
+        tasks = _shard_entries(pending, blocks, ids, located, captions)
+        bar = tqdm(total=sum(len(blocks[k]) for k in pending), desc="building shards", unit="img",
+                   disable=not progress, smoothing=0.1)
+        try:
+            for sidecar in _run(tasks, str(out), policy, workers):
+                _count(result, sidecar)
+                result.shards_built += 1
+                bar.update(sidecar["samples"] + len(sidecar["skipped"]))
+                bar.set_postfix(written=result.written, skipped=sum(result.skipped.values()))
+        finally:
+            bar.close()
+        with lock.shared_files():
+            result.complete = mf.assemble(out, plan) is not None
     result.seconds = time.perf_counter() - started
     print(result.summary(), file=sys.stderr)  # even when progress bars are off
     return result
@@ -314,7 +319,8 @@ def merge(out) -> dict:
         raise HakubooruError(
             f"{out}: {len(missing)} of {plan['shard_count']} shards not finished "
             f"(first: {', '.join(missing[:3])}); build the remaining parts first")
-    manifest = mf.assemble(out, plan)
+    with BuildLock(out) as lock, lock.shared_files():
+        manifest = mf.assemble(out, plan)
     counts = manifest["counts"]
     print(f"{out}: merged {plan['shard_count']} shards; {counts['written']} written, "
           f"{counts['skipped']} skipped", file=sys.stderr)

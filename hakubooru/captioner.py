@@ -237,8 +237,11 @@ class Captioner:
         post_ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
         counts = np.fromiter((r[1] for r in rows), dtype=np.int64, count=len(rows))
         joined = ",".join([r[2] for r in rows if r[1]])
-        tag_ids = np.fromstring(joined, dtype=np.int64, sep=",") if joined else np.empty(0, np.int64)
-        if len(tag_ids) != counts.sum() or not all(isinstance(r[0], int) for r in rows):
+        try:
+            tag_ids = np.fromstring(joined, dtype=np.int64, sep=",") if joined else np.empty(0, np.int64)
+        except ValueError:  # a tag_id that is text
+            tag_ids = None
+        if tag_ids is None or len(tag_ids) != counts.sum() or not all(isinstance(r[0], int) for r in rows):
             raise HakubooruError("posttagrelation holds post_id/tag_id values that are not integers "
                                  f"(posts {ids[0]}..{ids[-1]})")
         return np.repeat(post_ids, counts), tag_ids

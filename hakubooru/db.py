@@ -168,6 +168,32 @@ def _check_schema(conn: sqlite3.Connection, path: Path) -> None:
             )
 
 
+BUSY_TIMEOUT_S = 10.0  # how long a query waits for another program's lock on the file
+
+
+def locked_error(path) -> HakubooruError:
+    """The one line for a database another program holds locked past BUSY_TIMEOUT_S."""
+    return HakubooruError(f"{path}: the database is locked by another program (waited "
+                          f"{BUSY_TIMEOUT_S:g} s); close the program writing to it, then retry")
+
+
+def _is_lock(e: Exception) -> bool:
+    return "locked" in str(e) or "busy" in str(e)
+
+
+class _ReadOnlySqlite(SqliteDatabase):
+    """SqliteDatabase whose every query (models' and plain SQL) turns a lock held past the busy
+    timeout into locked_error."""
+
+    def execute_sql(self, sql, params=None, *args, **kwargs):
+        try:
+            return super().execute_sql(sql, params, *args, **kwargs)
+        except peewee.OperationalError as e:
+            if _is_lock(e):
+                raise locked_error(getattr(self, "hakubooru_path", self.database)) from None
+            raise
+
+
 def open_db(path) -> SqliteDatabase:
     """Open a danbooru2023 SQLite file read-only, check its schema, bind the models.
 
@@ -183,12 +209,15 @@ def open_db(path) -> SqliteDatabase:
         if f.read(16) != SQLITE_MAGIC:
             raise HakubooruError(f"{path}: not an SQLite database file")
     uri = f"file:{quote(path.resolve().as_posix())}?mode=ro"  # '#', '?', '%' in names stay literal
-    db = SqliteDatabase(uri, uri=True, pragmas={"query_only": 1}, check_same_thread=False)
+    db = _ReadOnlySqlite(uri, uri=True, pragmas={"query_only": 1}, check_same_thread=False,
+                         timeout=BUSY_TIMEOUT_S)
     try:
         db.connect()
         _check_schema(db.connection(), path)
     except (sqlite3.DatabaseError, peewee.DatabaseError) as e:
         db.close()
+        if _is_lock(e):
+            raise locked_error(path) from None
         raise HakubooruError(f"{path}: cannot read as SQLite ({e})") from None
     except HakubooruError:
         db.close()

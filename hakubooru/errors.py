@@ -1,4 +1,10 @@
 """The one exception type users see: a clear, one-line message about bad input."""
+from __future__ import annotations
+
+import contextlib
+import errno
+import shutil
+from pathlib import Path
 
 
 class HakubooruError(Exception):
@@ -7,6 +13,21 @@ class HakubooruError(Exception):
     The message is a single line meant for the user; command-line entry points
     print it as ``error: <message>`` and exit with status 2 instead of a traceback.
     """
+
+
+@contextlib.contextmanager
+def reporting_full_disk(path, needed: int):
+    """Turn "no space left on device" (or over quota) while writing ``path`` into one line naming
+    the file, the free space and the space this write needed."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        free = shutil.disk_usage(Path(path).parent).free
+        raise HakubooruError(f"no space left on the device writing {path}: {free / 2**20:.1f} MiB free, "
+                             f"at least {needed / 2**20:.1f} MiB more needed; free some space or "
+                             "write to another disk") from None
 
 
 def run_command(command, *args) -> int:

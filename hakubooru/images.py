@@ -207,7 +207,7 @@ def to_rgb(im: Image.Image) -> Image.Image:
     if im.mode in ("I", "F") or im.mode.startswith("I;16"):
         im = _to_8bit(im)
     has_alpha = im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-        im.mode == "P" and "transparency" in im.info)
+        im.mode in ("P", "L", "RGB") and "transparency" in im.info)  # tRNS key colour
     if has_alpha:
         rgba = im.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

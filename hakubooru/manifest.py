@@ -23,8 +23,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import xxhash
 
+from .buildlock import remove_temporaries
 from .card import CARD_FILE, dataset_card
-from .errors import HakubooruError
+from .errors import HakubooruError, reporting_full_disk
 from .shardwriter import CHECKSUM, file_checksum
 
 FORMAT = "hakubooru-shards/1"
@@ -40,7 +41,9 @@ INDEX_SCHEMA = pa.schema([
     ("txt_offset", pa.int64()), ("txt_size", pa.int64()),
     ("json_offset", pa.int64()), ("json_size", pa.int64()),
     ("width", pa.int32()), ("height", pa.int32()), ("ext", pa.string()),
+    ("image_xxh3", pa.uint64()), ("txt_xxh3", pa.uint64()), ("json_xxh3", pa.uint64()),
 ])
+HASH_COLUMNS = ("image_xxh3", "txt_xxh3", "json_xxh3")  # shardwriter.member_hash of each member
 SKIPPED_SCHEMA = pa.schema([("id", pa.int64()), ("reason", pa.string()), ("detail", pa.string())])
 
 
@@ -59,10 +62,14 @@ def dump_json(obj, indent: int | None = 2) -> bytes:
 def _write_tmp(path: Path, data: bytes) -> Path:
     # a name of its own: parts (processes, possibly on several machines) may start at once
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "xb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with reporting_full_disk(path, len(data)), open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return tmp
 
 
@@ -148,6 +155,8 @@ def finished_sidecar(out: Path, k: int, verify: bool) -> dict | None:
     tar = out / shard_name(k)
     if sidecar is None or not tar.is_file() or tar.stat().st_size != sidecar["size"]:
         return None
+    if any(c not in sidecar["rows"] for c in HASH_COLUMNS):  # written before member hashes
+        return None
     if verify and file_checksum(tar) != sidecar.get(CHECKSUM):
         return None
     return sidecar
@@ -155,10 +164,12 @@ def finished_sidecar(out: Path, k: int, verify: bool) -> dict | None:
 
 def assemble(out: Path, plan: dict) -> dict | None:
     """Write manifest.json, index.parquet and skipped.parquet if every shard is finished
-    (sizes checked against the sidecars); returns the manifest, or None if shards are missing."""
+    (sizes checked against the sidecars); returns the manifest, or None if shards are missing.
+    Hold the folder's BuildLock (``with lock:``) around it."""
     sidecars = [finished_sidecar(out, k, verify=False) for k in range(plan["shard_count"])]
     if any(s is None for s in sidecars):
         return None
+    remove_temporaries(out, (PLAN_FILE, MANIFEST_FILE, INDEX_FILE, SKIPPED_FILE))  # of killed runs
     columns = {name: [] for name in INDEX_SCHEMA.names}
     skipped = {name: [] for name in SKIPPED_SCHEMA.names}
     reasons: dict[str, int] = {}

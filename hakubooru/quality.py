@@ -95,7 +95,7 @@ class QualityThresholds:
         chunks = []
         while rows := cursor.fetchmany(500_000):
             chunks.append(np.fromiter(rows, dtype=dtype, count=len(rows)))
-        data = np.concatenate(chunks) if chunks else np.empty(0, dtype=dtype)
+        data = np.concatenate(chunks) if chunks else np.zeros(0, dtype=dtype)
         return cls.from_values(data["rating"], data["fav_count"])
 
     def levels(self, rating_codes: np.ndarray, fav_counts: np.ndarray) -> np.ndarray:

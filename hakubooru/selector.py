@@ -268,6 +268,8 @@ class Selector:
         n, seed = _int("sample() n", n), _int("sample() seed", seed)
         if n < 0:
             raise HakubooruError(f"sample(): n must be >= 0, got {n}")
+        if not 0 <= seed < 2**64:  # hash64 would wrap it, and the saved selection would not say so
+            raise HakubooruError(f"sample(): seed must be in [0, 2**64), got {seed}")
         return _Sample(self, n, seed, bool(allow_fewer))
 
     # ---- set algebra ----
@@ -376,8 +378,10 @@ class _Ids(Selector):
     def __init__(self, ids):
         arr = np.asarray(ids if hasattr(ids, "__array__") else list(ids))
         if arr.size and arr.dtype.kind not in "iu":
-            raise HakubooruError(f"Selector.ids() takes integer post ids, got {arr.dtype} values "
-                                 f"such as {arr.ravel()[0]!r}")
+            values = arr.ravel().tolist() if hasattr(ids, "__array__") else ids
+            bad = next((v for v in values if isinstance(v, bool) or not isinstance(v, (int, np.integer))),
+                       arr.ravel()[0])
+            raise HakubooruError(f"Selector.ids() takes integer post ids, got {bad!r}")
         arr = np.unique(arr.astype(np.int64))
         self.array = arr
         self.label = f"ids(<{len(arr):,} ids>)"

@@ -175,6 +175,9 @@ class ImageSource:
     def open(cls, images, cache_dir=None) -> "ImageSource":
         """Find the containers under ``images`` (fails clearly if the folder is missing)."""
         root = Path(images)
+        if root.is_file():
+            raise HakubooruError(f"images path {root} is a file, not a folder: give the folder "
+                                 "holding the image archives (data-NNNN.tar) or image files")
         if not root.is_dir():
             raise HakubooruError(f"images folder not found: {root}")
         tars = sorted(p for p in root.glob("*.tar") if p.is_file())

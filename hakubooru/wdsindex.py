@@ -30,10 +30,10 @@ from tqdm import tqdm
 
 from .errors import HakubooruError
 from .images import IMAGE_EXTS, BadImage, _webp_frame_size
-from .manifest import (FORMAT, INDEX_SCHEMA, MANIFEST_FILE, SKIPPED_FILE, dump_json, read_json,
+from .manifest import (FORMAT, HASH_COLUMNS, INDEX_SCHEMA, MANIFEST_FILE, SKIPPED_FILE, dump_json, read_json,
                        write_atomic, write_parquet)
 from .shardfolder import INDEX_FILE, shard_folder
-from .shardwriter import CHECKSUM, file_checksum
+from .shardwriter import CHECKSUM, file_checksum, member_hash
 
 WDS_FORMAT = "hakubooru-webdataset-index/1"
 WDS_INDEX_SCHEMA = INDEX_SCHEMA.append(pa.field("key", pa.string()))
@@ -73,7 +73,7 @@ def index_webdataset(folder, progress: bool = True) -> dict:
         skipped.extend(lost)
         shards.append({"name": tar_path.name, "samples": len(found["key"]),
                        "size": tar_path.stat().st_size, CHECKSUM: file_checksum(tar_path)})
-    columns = {name: np.concatenate([p[name] for p in parts]) for name in _INT_COLUMNS}
+    columns = {name: np.concatenate([p[name] for p in parts]) for name in _INT_COLUMNS + HASH_COLUMNS}
     keys = [k for p in parts for k in p["key"]]
     columns["ext"] = [e for p in parts for e in p["ext"]]
     numeric = all(_NUMBER.match(k) for k in keys) and len({int(k) for k in keys}) == len(keys)
@@ -130,6 +130,7 @@ def _scan(path: Path) -> tuple[dict, list[tuple]]:
                                  "it") from None
     found = {"key": [], "ext": [], "shard": path.name}
     ints = {name: [] for name in _INT_COLUMNS}
+    hashes = {name: [] for name in HASH_COLUMNS}
     skipped = []
     with open(path, "rb") as f:
         for key, members in groups.items():
@@ -150,9 +151,16 @@ def _scan(path: Path) -> tuple[dict, list[tuple]]:
                 m = members.get(name)
                 values[f"{name}_offset"] = m.offset_data if m else -1
                 values[f"{name}_size"] = m.size if m else -1
+            for name, m in (("image", image), ("txt", members.get("txt")), ("json", members.get("json"))):
+                if m:  # the trainer checks each member it reads against this (0: no such member)
+                    f.seek(m.offset_data)
+                    hashes[f"{name}_xxh3"].append(member_hash(f.read(m.size)))
+                else:
+                    hashes[f"{name}_xxh3"].append(0)
             for name in _INT_COLUMNS:
                 ints[name].append(values[name])
     found.update({name: np.array(v, np.int64) for name, v in ints.items()})
+    found.update({name: np.array(v, np.uint64) for name, v in hashes.items()})
     return found, skipped
 
 

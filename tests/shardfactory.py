@@ -22,7 +22,9 @@ import pyarrow.parquet as pq
 import webdataset as wds
 from PIL import Image, ImageDraw
 
+from hakubooru.manifest import FORMAT, INDEX_SCHEMA
 from hakubooru.rng import generator
+from hakubooru.shardwriter import CHECKSUM, file_checksum, member_hash
 
 # First keep tag -> (RGB colour, shape). Learnable: the caption names the picture.
 CLASSES = {
@@ -107,12 +109,11 @@ def _encode(img: Image.Image, ext: str) -> bytes:
 def write_shard_folder(dir, samples, ext: str = "png", per_shard: int = 16) -> Path:
     """Write ``samples`` — ``(record, image_bytes)`` pairs in id order, the record holding
     ``id``, ``width``, ``height`` and the caption groups — as ``shard-NNNNNN.tar`` files (via
-    webdataset's TarWriter) + ``index.parquet`` (data offsets read back from the tars) +
-    ``manifest.json`` into ``dir``."""
+    webdataset's TarWriter) + ``index.parquet`` (data offsets read back from the tars, member
+    hashes) + ``manifest.json`` (shard sizes and checksums, fingerprint) into ``dir``."""
     out = Path(dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows = {k: [] for k in ("id", "shard", "image_offset", "image_size", "txt_offset", "txt_size",
-                            "json_offset", "json_size", "width", "height", "ext")}
+    rows = {k: [] for k in INDEX_SCHEMA.names}
     shards = []
     for s, start in enumerate(range(0, len(samples), per_shard)):
         name = f"shard-{s:06d}.tar"
@@ -125,6 +126,7 @@ def write_shard_folder(dir, samples, ext: str = "png", per_shard: int = 16) -> P
             writer.close()
         with tarfile.open(out / name) as tar:
             members = {m.name: m for m in tar.getmembers()}
+            data = {m.name: tar.extractfile(m).read() for m in members.values()}
         for rec, _ in chunk:
             rows["id"].append(rec["id"])
             rows["shard"].append(name)
@@ -132,18 +134,16 @@ def write_shard_folder(dir, samples, ext: str = "png", per_shard: int = 16) -> P
                 m = members[f"{rec['id']}.{suffix}"]
                 rows[f"{col}_offset"].append(m.offset_data)
                 rows[f"{col}_size"].append(m.size)
+                rows[f"{col}_xxh3"].append(member_hash(data[m.name]))
             rows["width"].append(rec["width"])
             rows["height"].append(rec["height"])
             rows["ext"].append(ext)
-        shards.append({"name": name, "count": len(chunk),
-                       "sha256": hashlib.sha256((out / name).read_bytes()).hexdigest()})
-    schema = pa.schema([("id", pa.int64()), ("shard", pa.string())]
-                       + [(c, pa.int64()) for c in ("image_offset", "image_size", "txt_offset",
-                                                     "txt_size", "json_offset", "json_size")]
-                       + [("width", pa.int32()), ("height", pa.int32()), ("ext", pa.string())])
-    pq.write_table(pa.table(rows, schema=schema), out / "index.parquet")
+        shards.append({"name": name, "samples": len(chunk), "size": (out / name).stat().st_size,
+                       CHECKSUM: file_checksum(out / name)})
+    pq.write_table(pa.table(rows, schema=INDEX_SCHEMA), out / "index.parquet")
     fp = hashlib.sha256(json.dumps(shards, sort_keys=True).encode()).hexdigest()
-    manifest = {"fingerprint": fp, "count": len(samples), "shards": shards}
+    manifest = {"format": FORMAT, "fingerprint": fp, "counts": {"written": len(samples)},
+                "shards": shards}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
     return out
 

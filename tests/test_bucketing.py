@@ -56,6 +56,10 @@ def test_impossible_bucket_settings_rejected():
         make_buckets(A, 512, 256, 64)
     with pytest.raises(HakubooruError):
         make_buckets(A, 256, 4096, 0)
+    for area, low in ((0, 256), (-64, 256), (A, 0)):  # each bound on its own
+        with pytest.raises(HakubooruError, match="impossible buckets"):
+            make_buckets(area, low, 4096, 64)
+    assert make_buckets(64 * 64, 64, 64, 64) == [(64, 64)]  # min_side == max_side is possible
 
 
 def test_assignment_nearest_aspect_ratio():
@@ -135,3 +139,34 @@ def test_crop_box_always_covers_the_bucket():
 def test_crop_box_rejects_empty_sizes():
     with pytest.raises(HakubooruError):
         crop_box(0, 10, 64, 64)
+
+
+def test_widest_and_tallest_buckets_reach_max_side():
+    # w = 4096: h = min(4096, 1048576 // 4096 // 64 * 64) = 256 -> (4096, 256) and (256, 4096)
+    buckets = make_buckets(1024 * 1024, 256, 4096, 64)
+    assert (4096, 256) in buckets and (256, 4096) in buckets
+    assert make_buckets() == buckets  # the defaults are the recipe's
+
+
+def test_crop_offsets_by_hand():
+    # 100x61 into 50x30: relatively taller (100*30 < 50*61) -> width fits: rw = 50,
+    # rh = (2*61*50 + 100) // 200 = 31 -> overhang 0 x 1; centred top = 1 // 2 = 0
+    assert crop_box(100, 61, 50, 30) == (50, 31, 0, 0)
+    # 100x65 into 50x30: rh = (2*65*50+100)//200 = 33,
+    # overhang 3, centred top 1 (an int: 3 // 2)
+    top = crop_box(100, 65, 50, 30)[2]
+    assert top == 1 and isinstance(top, int)
+    # random crop at floor(u * (overhang + 1)): u = 0.999 reaches the last offset, 3; the default
+    # u = 0.5 gives floor(0.5 * 4) = 2
+    assert crop_box(100, 65, 50, 30, random_crop=True, u=0.999) == (50, 33, 3, 0)
+    assert crop_box(100, 65, 50, 30, random_crop=True) == (50, 33, 2, 0)
+    # 130x50 into 60x30: wider (130*30 > 60*50): rw = (2*130*30 + 50) // 100 = 78, overhang 18;
+    # u = 0.999 -> left = floor(0.999 * 19) = 18, the last offset
+    assert crop_box(130, 50, 60, 30, random_crop=True, u=0.999) == (78, 30, 0, 18)
+    assert crop_box(130, 50, 60, 30) == (78, 30, 0, 9)
+    assert crop_box(1, 1, 8, 8) == (8, 8, 0, 0)  # a one-pixel image is an image
+
+
+def test_one_pixel_images_are_assigned():
+    buckets = [(32, 128), (64, 64), (128, 32)]
+    assert assign_buckets([1, 5, 1], [5, 1, 1], buckets).tolist() == [0, 2, 1]

@@ -147,7 +147,8 @@ def test_index_offsets_read_back_exactly(demo):
     out = demo["out"]
     index = pq.read_table(out / "index.parquet")
     assert index.schema.names == ["id", "shard", "image_offset", "image_size", "txt_offset",
-                                  "txt_size", "json_offset", "json_size", "width", "height", "ext"]
+                                  "txt_size", "json_offset", "json_size", "width", "height", "ext",
+                                  "image_xxh3", "txt_xxh3", "json_xxh3"]
     assert str(index.schema.field("width").type) == "int32"
     rows = index.to_pylist()
     assert [r["id"] for r in rows] == sorted(r["id"] for r in rows)
@@ -162,6 +163,7 @@ def test_index_offsets_read_back_exactly(demo):
         for part, ext in (("image", r["ext"]), ("txt", "txt"), ("json", "json")):
             got = data[r[f"{part}_offset"]:r[f"{part}_offset"] + r[f"{part}_size"]]
             assert got == members[(r["shard"], f"{r['id']}.{ext}")]
+            assert r[f"{part}_xxh3"] == xxhash.xxh3_64_intdigest(got)  # the trainer checks it
         record = json.loads(members[(r["shard"], f"{r['id']}.json")])
         assert (record["width"], record["height"]) == (r["width"], r["height"])
 
@@ -511,3 +513,25 @@ def test_parts_starting_together_agree_on_one_plan(tmp_path):
     (tmp_path / "damaged" / mf.PLAN_FILE).write_text("{cut sh")
     with pytest.raises(HakubooruError, match="is damaged"):
         mf.check_or_write_plan(tmp_path / "damaged", plan)
+
+
+def test_upper_case_member_extensions_reach_the_shards(demo, tmp_path):
+    # an archive naming its members 123.WEBP: matched case-insensitively, stored as .webp
+    sources = archive_members(demo["images"])
+    a, b = sorted(sources)[:2]
+    images = tmp_path / "images"
+    images.mkdir()
+    with tarfile.open(images / "upper.tar", "w") as tar:  # not data-NNNN: always read
+        for post_id, name in ((a, f"{a}.WEBP"), (b, f"{b}.Webp")):
+            info = tarfile.TarInfo(name)
+            info.size = len(sources[post_id])
+            tar.addfile(info, io.BytesIO(sources[post_id]))
+    Selector.ids([a, b]).save(tmp_path / "sel.parquet", open_db(demo["db"]))
+    result = build_shards(demo["db"], images, tmp_path / "sel.parquet", tmp_path / "out",
+                          cache_dir=tmp_path / "c", progress=False)
+    assert result.written == 2 and result.skipped == {}
+    with tarfile.open(tmp_path / "out" / "shard-000000.tar") as tar:
+        names = tar.getnames()
+        assert tar.extractfile(f"{a}.webp").read() == sources[a]
+    assert names == [f"{a}.json", f"{a}.txt", f"{a}.webp", f"{b}.json", f"{b}.txt", f"{b}.webp"]
+    assert pq.read_table(tmp_path / "out" / "index.parquet").column("ext").to_pylist() == ["webp", "webp"]

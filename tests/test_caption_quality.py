@@ -3,6 +3,7 @@
 Percentile definition (docs/captions.md): NumPy's default "linear" method: sorted values
 x[0..n-1] read at position p/100 * (n-1), interpolated between neighbours.
 """
+import numpy as np
 import pytest
 
 from hakubooru import HakubooruError, open_db
@@ -79,3 +80,34 @@ def test_fixed_table_rejects_non_finite_thresholds():
     row = {90: 10, 75: 8, 60: 6, 45: 4, 30: 2, 10: float("nan")}
     with pytest.raises(HakubooruError, match="finite"):
         QualityThresholds({"general": row})
+
+
+def test_tag_of_no_fav_count_or_unknown_rating_is_none(db):
+    q = QualityThresholds.from_db(db, no_quality_above_id=1000)
+    assert q.tag("general", None) is None and q.tag("nsfw", 5) is None
+    assert q.tag("general", 100) == "masterpiece"  # 100 > the 90th percentile, 91
+
+
+def test_database_without_fav_counts_has_no_table(tmp_path):
+    empty = open_db(write_db(tmp_path / "e.db", [post(1, fav=None)], TAGS, []))
+    q = QualityThresholds.from_db(empty)
+    assert q.table == {} and q.tag("general", 10) is None
+
+
+def test_default_cutoff_is_id_7_500_000(tmp_path):
+    # recipe.md: posts with id > 7,500,000 get no quality tag and stay out of the statistics
+    posts = [post(7_500_000, fav=10), post(7_500_001, fav=1000)]
+    hand = open_db(write_db(tmp_path / "c.db", posts, TAGS, [(7_500_000, 1), (7_500_001, 1)]))
+    assert QualityThresholds.from_db(hand).table["general"] == {p: 10.0 for p in (90, 75, 60, 45, 30, 10)}
+    records = {pid: rec for pid, _, rec in Captioner(hand).captions(np.array([7_500_000, 7_500_001]))}
+    assert records[7_500_000]["quality"] == ["worst quality"]  # 10 is not above any threshold (10)
+    assert records[7_500_001]["quality"] == []
+
+
+def test_fixed_table_rejects_non_numbers_and_one_adjacent_decrease():
+    with pytest.raises(HakubooruError, match="must be numbers"):
+        QualityThresholds({"general": {90: None, 75: 8, 60: 6, 45: 4, 30: 2, 10: 1}})
+    # ascending by percentile 10..90: 1, 3, 2, 4, 5, 6 -- only 30 -> 45 decreases
+    with pytest.raises(HakubooruError, match="must not decrease"):
+        QualityThresholds({"general": {10: 1, 30: 3, 45: 2, 60: 4, 75: 5, 90: 6}})
+    QualityThresholds({"general": {10: 1, 30: 2, 45: 2, 60: 4, 75: 5, 90: 6}})  # equal is fine

@@ -77,11 +77,18 @@ def test_user_toml_file_layers_on_epsilon(tmp_path):
     ("optimizer.betas=[0.9, nan]", "'optimizer.betas' must be two numbers"),
     ("lokr.factors.Conv=4", "unknown config key 'lokr.factors.Conv'"),
     ("train", "--set expects section.key=value"),
+    ("train.seed=-1", "'train.seed' must be ≥ 0 (got -1)"),
+    ("train.seed=18446744073709551616", "'train.seed' must be < 2**64 (got 18446744073709551616)"),
+    ("data.on_corrupt=ignore", "'data.on_corrupt' must be one of error, skip (got 'ignore')"),
 ])
 def test_bad_values_are_one_clear_line(override, message):
     with pytest.raises(HakubooruError) as err:
         load_config("epsilon", [override])
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_largest_seed_is_accepted():
+    assert load_config("epsilon", [("train.seed", 2**64 - 1)])["train"]["seed"] == 2**64 - 1
 
 
 def test_cli_errors_are_one_line(capsys, tmp_path):

@@ -1,5 +1,4 @@
 """Index reader, batch plan and BatchDataset on real shard folders (tests/shardfactory.py)."""
-import hashlib
 import io
 import json
 import shutil
@@ -15,6 +14,7 @@ from PIL import Image
 
 from hakubooru.errors import HakubooruError
 from hakubooru.rng import uniform
+from hakubooru.shardwriter import member_hash
 from tests.shardfactory import make_test_shards
 from trainers.lokr.augment import augment_caption
 from trainers.lokr.bucketing import make_buckets
@@ -63,14 +63,6 @@ def test_load_index(shards):
     with open(shards.dir / ix.shard_names[ix.shard[row]], "rb") as f:
         f.seek(ix.json_offset[row])
         assert json.loads(f.read(ix.json_size[row]))["id"] == ix.ids[row]
-
-
-def test_fingerprint_without_manifest_is_index_hash(shards, tmp_path):
-    folder = tmp_path / "copy"
-    shutil.copytree(shards.dir, folder)
-    (folder / "manifest.json").unlink()
-    expected = hashlib.sha256((folder / "index.parquet").read_bytes()).hexdigest()
-    assert load_index(folder).fingerprint == expected
 
 
 def test_load_index_errors(shards, tmp_path):
@@ -246,17 +238,29 @@ def test_ranks_split_each_global_batch(shards):
         BatchDataset(shards.dir, ix, plan, rank=2, world_size=2)
 
 
-def test_corrupt_image_is_a_clear_error(shards, tmp_path):
+def _rehash(folder, column, row, data):
+    """index.parquet with ``column`` of ``row`` set to member_hash(data): damage the index cannot see."""
+    table = pq.read_table(folder / "index.parquet")
+    values = table.column(column).to_pylist()
+    values[row] = member_hash(data)
+    pq.write_table(table.set_column(table.schema.get_field_index(column), column,
+                                    pa.array(values, pa.uint64())), folder / "index.parquet")
+
+
+def test_undecodable_image_is_a_clear_error(shards, tmp_path):
+    # bytes that pass the member hash (recorded from them) but are not an image: a builder bug
     folder = tmp_path / "copy"
     shutil.copytree(shards.dir, folder)
     ix = load_index(folder)
     plan = BatchPlan(ix, 4, seed=0, epoch=0, buckets=BUCKETS)
     row = int(plan[0][1])
+    zeros = b"\0" * int(ix.image_size[row])
     with open(folder / ix.shard_names[ix.shard[row]], "r+b") as f:
         f.seek(ix.image_offset[row])
-        f.write(b"\0" * int(ix.image_size[row]))
+        f.write(zeros)
+    _rehash(folder, "image_xxh3", row, zeros)
     with pytest.raises(HakubooruError, match=f"post {ix.ids[row]} in shard-.*cannot decode"):
-        BatchDataset(folder, ix, plan)[0]
+        BatchDataset(folder, load_index(folder), plan)[0]
     assert tarfile.is_tarfile(folder / ix.shard_names[ix.shard[row]])
 
 
@@ -274,8 +278,13 @@ def test_index_size_mismatch_and_bad_record_are_clear_errors(shards, tmp_path):
     wrong = load_index(folder)
     with pytest.raises(HakubooruError, match=f"post {ix.ids[row]} .*index.parquet says"):
         BatchDataset(folder, wrong, plan)[0]
-    with open(folder / ix.shard_names[ix.shard[row]], "r+b") as f:
+    shard = folder / ix.shard_names[ix.shard[row]]
+    with open(shard, "r+b") as f:
         f.seek(ix.json_offset[row])
         f.write(b"x")  # the record began with "{"
+        f.seek(ix.json_offset[row])
+        record = f.read(ix.json_size[row])
+    pq.write_table(table, folder / "index.parquet")
+    _rehash(folder, "json_xxh3", row, record)
     with pytest.raises(HakubooruError, match=f"post {ix.ids[row]} .*not valid JSON"):
-        BatchDataset(folder, ix, plan)[0]
+        BatchDataset(folder, load_index(folder), plan)[0]

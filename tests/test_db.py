@@ -96,3 +96,65 @@ def test_uri_special_characters_stay_read_only(tmp_path, name):
         Post.delete().execute()
     db.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_mode_ro_alone_blocks_writes(dbfile):
+    # the URI's mode=ro, with PRAGMA query_only turned back off: writing still fails
+    db = open_db(dbfile)
+    db.execute_sql("PRAGMA query_only = 0")
+    with pytest.raises(peewee.OperationalError, match="readonly database"):
+        db.execute_sql("DELETE FROM post")
+    assert db.execute_sql("SELECT count(*) FROM post").fetchone() == (2,)
+
+
+def test_query_only_alone_blocks_writes(dbfile):
+    # query_only is on, and on its own refuses a write on a connection opened read-write
+    db = open_db(dbfile)
+    assert db.execute_sql("PRAGMA query_only").fetchone() == (1,)
+    conn = sqlite3.connect(dbfile)
+    conn.execute("PRAGMA query_only = %d" % db.execute_sql("PRAGMA query_only").fetchone()[0])
+    with pytest.raises(sqlite3.OperationalError, match="readonly database"):
+        conn.execute("DELETE FROM post")
+    conn.close()
+
+
+def test_null_flags_and_rating_read_as_none(tmp_path):
+    row = dict(post(3), is_deleted=None, is_banned=None, has_children=None, rating=None, fav_count=None)
+    open_db(write_db(tmp_path / "n.db", [row], [], []))
+    p = Post.get_by_id(3)
+    assert (p.is_deleted, p.is_banned, p.has_children, p.rating, p.fav_count) == (None,) * 5
+
+
+@pytest.fixture
+def locked(dbfile, monkeypatch):
+    """The database with another connection holding an exclusive lock (busy timeout 0.2 s)."""
+    import hakubooru.db as hdb
+    monkeypatch.setattr(hdb, "BUSY_TIMEOUT_S", 0.2)
+    handle = open_db(dbfile)  # opened before the lock is taken
+    other = sqlite3.connect(dbfile, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    yield handle
+    other.execute("ROLLBACK")
+    other.close()
+
+
+LOCKED = r"^.*d\.db: the database is locked by another program \(waited 0\.2 s\); close the program"
+
+
+def test_lock_at_open_is_one_line(locked, dbfile):
+    with pytest.raises(HakubooruError, match=LOCKED):
+        open_db(dbfile)
+
+
+def test_lock_at_every_query_site_is_the_same_line(locked):
+    from hakubooru.captioner import Captioner
+    from hakubooru.selector import Selector
+    import numpy as np
+    with pytest.raises(HakubooruError, match=LOCKED):
+        fingerprint(locked)
+    with pytest.raises(HakubooruError, match=LOCKED):
+        Selector.all().ids(locked)
+    with pytest.raises(HakubooruError, match=LOCKED):
+        Post.select().count()
+    with pytest.raises(HakubooruError, match=LOCKED):
+        list(Captioner(locked).captions(np.array([1, 2])))

@@ -245,3 +245,96 @@ def test_unwritable_output_is_one_line(dbfile, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
     assert "/proc/no-such-dir" in err
+
+
+def test_ids_error_names_the_bad_value():
+    with pytest.raises(HakubooruError, match=r"integer post ids, got 'x'$"):
+        Selector.ids([1, 2, "x"])
+    with pytest.raises(HakubooruError, match=r"got 2\.5$"):
+        Selector.ids([1, 2.5])
+    with pytest.raises(HakubooruError, match=r"got True$"):
+        Selector.ids([True])
+
+
+def test_seeds_outside_64_bits_are_refused(db):
+    for seed in (2**64, 2**70, -1):
+        with pytest.raises(HakubooruError, match=rf"seed must be in \[0, 2\*\*64\), got {seed}"):
+            Selector.all().sample(3, seed=seed)
+    # the top of the range is a seed of its own: hash64 by hand, not the ids of seed 0
+    top = sorted(sorted(ALL, key=lambda i: (hash64(2**64 - 1, i), i))[:3])
+    assert ids(Selector.all().sample(3, seed=2**64 - 1), db) == top
+
+
+def test_tags_none_with_several_tags(db):
+    # 1girl: posts 1 (also long_hair), 20 (also vocaloid), 2_000_000; each none tag drops its own
+    assert ids(Selector.tags(all=["1girl"], none=["long_hair", "vocaloid"]), db) == [2_000_000]
+    assert ids(Selector.tags(all=["1girl"], none=["long_hair"]), db) == [20, 2_000_000]
+    assert ids(Selector.tags(all=["1girl"], none=["vocaloid"]), db) == [1, 2_000_000]
+    # none= alone: every post without 1girl and without highres (1, 20, 2_000_000, 4_999_999 go)
+    assert ids(Selector.tags(none=["1girl", "highres"]), db) == \
+        [2, 3, 4, 5, 10, 2_000_001, 5_000_000, 7_000_000]
+
+
+def test_sample_of_exactly_all_candidates(db):
+    # 7 posts below id 2_000_000: n = 7 takes them all, without allow_fewer
+    assert ids(Selector.id_range(0, 2_000_000).sample(7, seed=1), db) == [1, 2, 3, 4, 5, 10, 20]
+    assert ids(Selector.id_range(0, 2_000_000).sample(0, seed=1), db) == []
+
+
+def test_null_flags_are_not_flags(tmp_path):
+    # posts whose is_deleted / is_banned are NULL are neither deleted nor banned; a NULL rating
+    # or file_ext matches no rating and no image extension
+    rows = [post(1), dict(post(2), is_deleted=None, is_banned=None), post(3, deleted=1, banned=1),
+            dict(post(4), rating=None, file_ext=None)]
+    nulls = open_db(write_db(tmp_path / "nulls.db", rows, TAGS, []))
+    for source in (Selector.all(), Selector.ids([1, 2, 3, 4])):  # SQL and materialised paths
+        assert ids(source.exclude_deleted(), nulls) == [1, 2, 4]
+        assert ids(source.exclude_banned(), nulls) == [1, 2, 4]
+        assert ids(source.rating("general"), nulls) == [1, 2, 3]
+        assert ids(source.images_only(), nulls) == [1, 2, 3]
+
+
+def test_size_bounds_are_inclusive(db):
+    # post 1 is 3000x1000, 4_999_999 is 500x500, every other post 1000x800
+    assert 1 in ids(Selector.all().size(max_width=3000), db)
+    assert 1 not in ids(Selector.all().size(max_width=2999), db)
+    assert ids(Selector.all().size(min_width=3000, min_height=1000, max_height=1000), db) == [1]
+    assert 4_999_999 in ids(Selector.all().size(min_pixels=500 * 500, max_pixels=500 * 500), db)
+
+
+def test_ids_from_any_iterable(db):
+    assert ids(Selector.ids(i for i in (20, 1)), db) == [1, 20]
+    assert ids(Selector.ids(range(1, 4)), db) == [1, 2, 3]
+
+
+def test_explain_draws_the_tree(db):
+    sel = (Selector.id_range(0, 2_000_000).sample(4, seed=3) | Selector.id_range(5_000_000)) \
+        .exclude_deleted()
+    # the union's 6 posts less post 2 (deleted), which seed 3's sample of 4 holds
+    assert 2 in ids(Selector.id_range(0, 2_000_000).sample(4, seed=3), db)
+    assert sel.explain(db).splitlines() == [
+        "exclude_deleted  [5]",
+        "└─ union  [6]",
+        "   ├─ sample(n=4, seed=3)  [4]",
+        "   │  └─ id_range(0, 2000000)  [7]",
+        "   └─ id_range(5000000, None)  [2]",
+    ]
+
+
+def test_seed_zero_is_a_seed(db):
+    expected = sorted(sorted(ALL, key=lambda i: (hash64(0, i), i))[:3])
+    assert ids(Selector.all().sample(3, seed=0), db) == expected
+
+
+def test_filters_of_an_empty_set(db):
+    assert ids(Selector.ids([]).exclude_deleted(), db) == []
+    assert ids(Selector.ids([999]).images_only(), db) == []  # no such post
+
+
+def test_selection_with_unreadable_metadata(db, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    table = pa.table({"id": pa.array([1, 20], pa.int64())}).replace_schema_metadata({"hakubooru": "{not json"})
+    pq.write_table(table, tmp_path / "bad.parquet")
+    with pytest.raises(HakubooruError, match=r"bad.parquet: damaged selection metadata \(JSONDecodeError"):
+        load_selection(tmp_path / "bad.parquet")

@@ -130,6 +130,9 @@ def test_missing_or_empty_images_folder_is_one_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(HakubooruError, match="no image archives"):
         ImageSource.open(tmp_path / "empty")
+    (tmp_path / "data-0000.tar").write_bytes(b"")
+    with pytest.raises(HakubooruError, match=r"^images path .*data-0000.tar is a file, not a folder: give"):
+        ImageSource.open(tmp_path / "data-0000.tar")
 
 
 def test_tar_cut_short_keeps_the_members_before_the_cut(tmp_path):

@@ -118,3 +118,78 @@ def test_trains_a_diffusers_folder_and_records_the_base_model(shards, tmp_path):
     assert meta["step"] == "2" and meta["base_model"] == str(base)
     assert meta["base_model_sha256"] == base_model_hash(base) and len(meta["base_model_sha256"]) == 64
     assert json.loads(meta["config"])["train"]["max_steps"] == 2
+
+
+def test_grad_accum_step_gradient_is_the_mean_of_the_micro_batch_gradients(shards, tmp_path, monkeypatch):
+    # grad_accum = 2, no clipping, fp32: the gradient the optimizer steps on must be
+    # (g0 + g1) / 2, with g_k the gradient of micro-batch k's loss alone (each computed below)
+    import trainers.lokr.train as train_mod
+    from trainers.lokr.data import BatchDataset
+    from trainers.lokr.train import micro_batch_loss
+    cfg = load_config("tiny", ["train.max_steps=1", "train.grad_accum=2", "train.max_grad_norm=0"])
+    real_setup, seen = train_mod.setup, {}
+
+    def params(run):
+        return [p for g in run.optimizer.param_groups for p in g["params"]]
+
+    def grads(run):  # a parameter no loss reaches has no gradient: count it as zeros
+        return [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in params(run)]
+
+    def spying_setup(*args, **kwargs):
+        run = real_setup(*args, **kwargs)
+        step = run.optimizer.step
+
+        def recording_step(*a, **k):
+            seen["grads"] = grads(run)
+            return step(*a, **k)
+        run.optimizer.step = recording_step
+        return run
+    monkeypatch.setattr(train_mod, "setup", spying_setup)
+    train(cfg, shards, tmp_path / "run")
+    monkeypatch.undo()
+
+    run = real_setup(cfg, shards, tmp_path / "hand")
+    dc = cfg["data"]
+    dataset = BatchDataset(shards, run.index, run.plan(0), seed=0, epoch=0, random_crop=dc["random_crop"],
+                           shuffle_tags=dc["shuffle_tags"], tag_dropout=dc["tag_dropout"],
+                           protect_quality_year_rating=dc["protect_quality_year_rating"])
+    micro = []
+    for k in range(2):
+        for p in params(run):
+            p.grad = None
+        micro_batch_loss(run, dataset[k], micro_step=k).backward()
+        micro.append(grads(run))
+    expected = [(a + b) / 2 for a, b in zip(*micro)]
+    assert len(seen["grads"]) == len(expected) > 0
+    assert sum(float(e.abs().sum()) for e in expected) > 0
+    for got, want in zip(seen["grads"], expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-9)
+
+
+def test_timesteps_cover_the_whole_schedule():
+    # 4 timesteps, 400 samples: every value 0..3 is drawn (a draw from 1..3 or 0..2 would not be)
+    draws = sample_draws(0, 0, torch.arange(400), (1, 1, 1), 4, 0.0)
+    assert sorted(set(draws.timesteps.tolist())) == [0, 1, 2, 3]
+    full = sample_draws(0, 0, torch.arange(20_000), (1, 1, 1), 1000, 0.0).timesteps
+    assert int(full.min()) == 0 and int(full.max()) == 999
+
+
+def test_weighted_mse_of_nonzero_predictions():
+    # pred 1, noise 3: (1 - 3)^2 = 4 per element; weight 0.25 -> 1.0
+    pred, noise = torch.ones(1, 2, 2, 2), 3 * torch.ones(1, 2, 2, 2)
+    assert diffusion_loss(pred, noise, torch.tensor([0.25])).item() == 1.0
+
+
+def test_draws_follow_the_documented_order():
+    # per sample, one generator seeded hash64(seed, micro_step, id) draws in this order:
+    # timestep, latent noise (C,H,W), offset (C,1,1), noise (C,H,W); noise += offset * noise_offset
+    from hakubooru.rng import hash64
+    got = sample_draws(5, 2, torch.tensor([9]), (3, 2, 2), 1000, 0.5)
+    g = torch.Generator().manual_seed(hash64(5, 2, 9))
+    t = torch.randint(0, 1000, (1,), generator=g)
+    latent = torch.randn((3, 2, 2), generator=g)
+    offset = torch.randn((3, 1, 1), generator=g)
+    noise = torch.randn((3, 2, 2), generator=g)
+    assert got.timesteps.tolist() == t.tolist()
+    assert torch.equal(got.latent_eps[0], latent)
+    assert torch.equal(got.noise[0], noise + 0.5 * offset)

@@ -40,6 +40,7 @@ _CHOICES = {
     "sample.sampler": ("EulerAncestralDiscreteScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler",
                        "DDIMScheduler", "UniPCMultistepScheduler", "HeunDiscreteScheduler"),
     "data.latent_cache": ("auto", "off", "require"),
+    "data.on_corrupt": ("error", "skip"),
 }
 # (dotted key, lowest allowed value, exclusive?)
 _LOWER_BOUNDS = [
@@ -129,6 +130,8 @@ def validate(cfg: dict) -> None:
         if flat[key] < low or (exclusive and flat[key] == low):
             rel = ">" if exclusive else "≥"
             raise HakubooruError(f"config key '{key}' must be {rel} {low} (got {flat[key]!r})")
+    if flat["train.seed"] >= 2**64:  # hash64 would wrap it silently
+        raise HakubooruError(f"config key 'train.seed' must be < 2**64 (got {flat['train.seed']})")
     for key in ("data.resolution", "data.bucket_min", "data.bucket_max", "data.bucket_step"):
         if flat[key] % 8:
             raise HakubooruError(f"config key '{key}' must be a multiple of 8, the VAE's downscale (got {flat[key]})")

@@ -2,7 +2,6 @@
 item i is the whole collated micro-batch i (pixels, augmented captions, SDXL time ids)."""
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import warnings
@@ -22,6 +21,7 @@ from hakubooru.images import to_rgb
 from hakubooru.rng import hash64, hash64_array, uniform
 from trainers.lokr.augment import GROUPS, augment_caption, augment_text
 from trainers.lokr.bucketing import assign_buckets, crop_box
+from trainers.lokr.integrity import ON_CORRUPT, REBUILD, CorruptMember, check_member, check_shard_folder
 
 # Separate streams for the randomness drawn from the same (seed, epoch, ...).
 _ORDER_STREAM = 0x0DE
@@ -30,7 +30,8 @@ CROP_STREAM = 0xC0F
 
 INDEX_COLUMNS = ("id", "shard", "image_offset", "image_size", "json_offset", "json_size",
                  "width", "height")
-TEXT_COLUMNS = ("txt_offset", "txt_size")  # read when present; -1 = no such member
+TEXT_COLUMNS = ("txt_offset", "txt_size")  # -1 = no such member (webdataset folders from other tools)
+HASH_COLUMNS = ("image_xxh3", "txt_xxh3", "json_xxh3")  # build-time member hashes (hakubooru.manifest)
 
 
 @dataclass
@@ -46,61 +47,55 @@ class ShardIndex:
     json_size: np.ndarray
     width: np.ndarray         # int32, stored image
     height: np.ndarray
-    fingerprint: str          # identifies the dataset (manifest's, else sha256 of the index)
+    fingerprint: str          # identifies the dataset (the manifest's)
     txt_offset: np.ndarray | None = None  # int64; -1 (or None: not indexed) = no .txt
     txt_size: np.ndarray | None = None
+    image_hash: np.ndarray | None = None  # uint64 member_hash of each member (None: not checked)
+    txt_hash: np.ndarray | None = None
+    json_hash: np.ndarray | None = None
+    ext: np.ndarray | None = None         # int32 code into ext_names (the image member's extension)
+    ext_names: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
 
 
 def load_index(shards_dir) -> ShardIndex:
-    """Read ``index.parquet`` (and the fingerprint from ``manifest.json``) of a shard folder.
-    Raises HakubooruError when the folder, the index, a column or a shard file is missing or
-    the index is empty or not sorted by unique id."""
+    """Read ``index.parquet`` of a finished shard folder, after checking the folder against its
+    ``manifest.json`` (trainers.lokr.integrity). Raises HakubooruError when the folder, the
+    manifest, the index, a column or a shard is missing, a shard's size is not the manifest's,
+    or the index is empty or not sorted by unique id."""
     root = shard_folder(shards_dir)
     path = root / "index.parquet"
     try:
-        names = set(pq.read_schema(path).names)
-        text = [c for c in TEXT_COLUMNS if c in names]
-        table = pq.read_table(path, columns=list(INDEX_COLUMNS) + text, read_dictionary=["shard"])
+        names_in_file = set(pq.read_schema(path).names)
+        if not set(HASH_COLUMNS) <= names_in_file:
+            raise HakubooruError(f"{path} has no member hashes (written by an older hakubooru); "
+                                 f"{REBUILD} to rebuild the shards and the index")
+        text = [c for c in TEXT_COLUMNS if c in names_in_file]
+        table = pq.read_table(path, columns=[*INDEX_COLUMNS, *text, *HASH_COLUMNS, "ext"],
+                              read_dictionary=["shard", "ext"])
     except (pa.ArrowException, OSError) as e:
         raise HakubooruError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
     if table.num_rows == 0:
         raise HakubooruError(f"{path} has no samples")
     shard = table.column("shard").combine_chunks()
     names = [str(s) for s in shard.dictionary.to_pylist()]
-    absent = [n for n in names if not (root / n).is_file()]
-    if absent:
-        raise HakubooruError(f"{root}: {len(absent)} shard(s) named in index.parquet are "
-                             f"missing, e.g. {absent[0]}")
-    col = {c: table.column(c).to_numpy() for c in INDEX_COLUMNS + tuple(text) if c != "shard"}
+    fingerprint = check_shard_folder(root, names, table.num_rows)
+    col = {c: table.column(c).to_numpy() for c in (*INDEX_COLUMNS, *text, *HASH_COLUMNS) if c != "shard"}
     if np.any(np.diff(col["id"]) <= 0):
         raise HakubooruError(f"{path} is not sorted by unique id")
+    ext = table.column("ext").combine_chunks()
     return ShardIndex(
         ids=col["id"].astype(np.int64), shard=shard.indices.to_numpy().astype(np.int32),
         shard_names=names,
         **{c: col[c].astype(np.int64) for c in ("image_offset", "image_size", "json_offset",
                                                 "json_size")},
         width=col["width"].astype(np.int32), height=col["height"].astype(np.int32),
-        fingerprint=_fingerprint(root),
+        fingerprint=fingerprint, image_hash=col["image_xxh3"].astype(np.uint64),
+        txt_hash=col["txt_xxh3"].astype(np.uint64), json_hash=col["json_xxh3"].astype(np.uint64),
+        ext=ext.indices.to_numpy().astype(np.int32), ext_names=[str(e) for e in ext.dictionary.to_pylist()],
         **{c: col[c].astype(np.int64) for c in text})
-
-
-def _fingerprint(root: Path) -> str:
-    manifest = root / "manifest.json"
-    if manifest.is_file():
-        try:
-            fp = json.loads(manifest.read_text()).get("fingerprint")
-        except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
-            raise HakubooruError(f"{manifest} is not a valid JSON object") from None
-        if fp:
-            return str(fp)
-    digest = hashlib.sha256()
-    with open(root / "index.parquet", "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class BatchPlan:
@@ -155,14 +150,22 @@ class BatchDataset(torch.utils.data.Dataset):
     """Map-style dataset: item ``i`` is this rank's collated micro-batch of global batch ``i``
     — ``pixel_values`` float32 (b,3,H,W) in [-1,1], ``captions`` list[str] (augmented),
     ``time_ids`` float32 (b,6) = (original h, original w, crop top, crop left, target h,
-    target w), ``ids`` int64 (b,). Items are pure functions of ``i``, so any number of
-    DataLoader workers, and a resume at any batch, give the same batches."""
+    target w), ``ids`` int64 (b,), ``corrupt`` int (samples left out, below). Items are pure
+    functions of ``i``, so any number of DataLoader workers, and a resume at any batch, give the
+    same batches.
+
+    Each member read is checked against its build-time hash; ``on_corrupt="error"`` raises
+    CorruptMember, ``"skip"`` leaves the sample out of its micro-batch (which gets smaller, or
+    empty) and counts it in ``corrupt``: the batch plan is unchanged, so which samples the other
+    ranks and batches hold does not depend on the damage."""
 
     def __init__(self, shards_dir, index: ShardIndex, plan: BatchPlan, *, rank: int = 0,
                  world_size: int = 1, seed: int | None = None, epoch: int | None = None,
                  random_crop: bool = False, shuffle_tags: bool = True, tag_dropout: float = 0.15,
                  protect_quality_year_rating: bool = False, separator: str = ", ",
-                 keep_tokens: int = 0, keep_separator: str | None = "|||"):
+                 keep_tokens: int = 0, keep_separator: str | None = "|||", on_corrupt: str = "error"):
+        if on_corrupt not in ON_CORRUPT:
+            raise HakubooruError(f"on_corrupt must be one of {', '.join(ON_CORRUPT)}, got {on_corrupt!r}")
         if world_size <= 0 or not 0 <= rank < world_size:
             raise HakubooruError(f"rank {rank} is not in a world of size {world_size}")
         if plan.global_batch % world_size:
@@ -175,6 +178,7 @@ class BatchDataset(torch.utils.data.Dataset):
         self.seed = plan.seed if seed is None else int(seed)
         self.epoch = plan.epoch if epoch is None else int(epoch)
         self.random_crop = random_crop
+        self.on_corrupt = on_corrupt
         self.caption_options = dict(shuffle=shuffle_tags, drop=tag_dropout,
                                     protect_quality_year_rating=protect_quality_year_rating,
                                     separator=separator)
@@ -189,34 +193,51 @@ class BatchDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         rows = self.plan[i][self.rank * self.per_rank:(self.rank + 1) * self.per_rank]
         bw, bh = self.plan.bucket_of(i)
+        samples = []
+        for row in rows.tolist():
+            try:
+                samples.append((row, *self._read(row)))
+            except CorruptMember:
+                if self.on_corrupt == "error":
+                    raise
+        rows = np.array([s[0] for s in samples], dtype=np.int64)
         pixels = torch.empty((len(rows), 3, bh, bw), dtype=torch.float32)
         time_ids = torch.empty((len(rows), 6), dtype=torch.float32)
         captions = []
-        for j, row in enumerate(rows):
-            record, image = self._read(int(row))
-            if isinstance(record, str):
-                captions.append(augment_text(record, seed=self.seed, epoch=self.epoch,
-                                             sample_id=int(self.index.ids[row]),
-                                             **self.text_options))
-            else:
-                captions.append(augment_caption(record, seed=self.seed, epoch=self.epoch,
-                                                **self.caption_options))
+        for j, (row, record, image) in enumerate(samples):
+            captions.append(self.caption(row, record))
             u = uniform(self.seed, self.epoch, int(self.index.ids[row]), CROP_STREAM)
             pixels[j] = self._crop(image, bw, bh, u, time_ids[j])
         pixels.div_(127.5).sub_(1.0)
         return {"pixel_values": pixels, "captions": captions, "time_ids": time_ids,
-                "ids": torch.from_numpy(self.index.ids[rows])}
+                "ids": torch.from_numpy(self.index.ids[rows]), "corrupt": self.per_rank - len(rows)}
 
-    def _read(self, row: int) -> tuple[dict | str, Image.Image]:
-        """The sample's caption record (a dict) — or, without one, its caption text — and image."""
+    def caption(self, row: int, record: dict | str) -> str:
+        """This epoch's caption of the sample at `row`, from its record or its caption text."""
+        if isinstance(record, str):
+            return augment_text(record, seed=self.seed, epoch=self.epoch, sample_id=int(self.index.ids[row]),
+                                **self.text_options)
+        return augment_caption(record, seed=self.seed, epoch=self.epoch, **self.caption_options)
+
+    def _read(self, row: int, image: bool = True) -> tuple[dict | str, Image.Image | None]:
+        """The sample's caption record (a dict) — or, without one, its caption text — and image
+        (None without `image`); each member checked against its build-time hash."""
+        want_image = image
         ix = self.index
         name = ix.shard_names[ix.shard[row]]
         where = f"post {ix.ids[row]} in {name}"
         record = raw_text = None
+        post = int(ix.ids[row])
+
+        def check(data: bytes, hashes, ext: str) -> None:  # against the build-time hash
+            if hashes is not None:
+                check_member(data, int(hashes[row]), name, post, f"{post}.{ext}")
+
         with open(self.root / name, "rb") as f:
             if ix.json_size[row] >= 0:
                 f.seek(ix.json_offset[row])
                 raw_json = f.read(ix.json_size[row])
+                check(raw_json, ix.json_hash, "json")
                 try:
                     record = json.loads(raw_json)
                 except (json.JSONDecodeError, UnicodeDecodeError):
@@ -224,10 +245,15 @@ class BatchDataset(torch.utils.data.Dataset):
             if not _is_record(record) and ix.txt_size is not None and ix.txt_size[row] >= 0:
                 f.seek(ix.txt_offset[row])
                 raw_text = f.read(ix.txt_size[row])
-            f.seek(ix.image_offset[row])
-            raw_image = f.read(ix.image_size[row])
+                check(raw_text, ix.txt_hash, "txt")
+            if want_image:
+                f.seek(ix.image_offset[row])
+                raw_image = f.read(ix.image_size[row])
+                check(raw_image, ix.image_hash, ix.ext_names[ix.ext[row]] if ix.ext_names else "image")
         if not _is_record(record):
             record = _caption_text(raw_text, record, where)
+        if not want_image:
+            return record, None
         try:
             image = Image.open(io.BytesIO(raw_image))
             image.load()
@@ -282,8 +308,21 @@ def _pixels(image: Image.Image) -> torch.Tensor:
 
 
 def make_loader(dataset: BatchDataset, start: int = 0, workers: int = 0):
-    """A DataLoader over batches ``start, start+1, …`` of ``dataset`` (already collated, so
-    ``batch_size=None``). Resuming at batch k costs O(1): nothing before k is read."""
-    return torch.utils.data.DataLoader(dataset, batch_size=None,
-                                       sampler=range(start, len(dataset)),
-                                       num_workers=workers)
+    """An iterable over batches ``start, start+1, …`` of ``dataset`` (a DataLoader with
+    ``batch_size=None``: they come collated). Resuming at batch k costs O(1): nothing before k is
+    read. A HakubooruError raised in a worker process arrives as its own one line."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, sampler=range(start, len(dataset)),
+                                         num_workers=workers)
+    return _one_line_errors(loader) if workers else loader
+
+
+def _one_line_errors(loader):
+    """torch re-raises a worker's exception with the worker's traceback as its message; give a
+    HakubooruError back its own message (the traceback's last line, after the class name)."""
+    try:
+        yield from loader
+    except HakubooruError as e:
+        lines = str(e).strip().splitlines()
+        if len(lines) > 1 and lines[0].startswith("Caught "):
+            raise type(e)(lines[-1].split(": ", 1)[-1]) from None
+        raise

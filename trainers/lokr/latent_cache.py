@@ -30,7 +30,7 @@ from safetensors import safe_open
 
 from hakubooru import manifest as mf
 from hakubooru.errors import HakubooruError
-from trainers.lokr.augment import augment_caption
+from trainers.lokr.integrity import CorruptMember
 from trainers.lokr.data import BatchDataset
 
 FORMAT = "hakubooru-latents/1"
@@ -202,22 +202,20 @@ class CachedBatchDataset(BatchDataset):
 
     def __getitem__(self, i: int) -> dict:
         rows = self.plan[i][self.rank * self.per_rank:(self.rank + 1) * self.per_rank]
+        kept, captions = [], []
+        for j, row in enumerate(rows.tolist()):
+            try:
+                record, _ = self._read(row, image=False)  # caption members only, hash-checked
+            except CorruptMember:
+                if self.on_corrupt == "error":
+                    raise
+                continue
+            kept.append(j)
+            captions.append(self.caption(row, record))
+        rows = rows[kept]
         mean, std, time_ids = self.cache.read(rows)
-        captions = [augment_caption(self._record(int(row)), seed=self.seed, epoch=self.epoch, **self.caption_options)
-                    for row in rows]
         return {"latent_mean": mean, "latent_std": std, "captions": captions, "time_ids": time_ids,
-                "ids": torch.from_numpy(self.index.ids[rows])}
-
-    def _record(self, row: int) -> dict:
-        ix = self.index
-        with open(self.root / ix.shard_names[ix.shard[row]], "rb") as f:
-            f.seek(ix.json_offset[row])
-            raw = f.read(ix.json_size[row])
-        try:
-            return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise HakubooruError(f"post {ix.ids[row]} in {ix.shard_names[ix.shard[row]]}: its .json record "
-                                 "is not valid JSON") from None
+                "ids": torch.from_numpy(self.index.ids[rows]), "corrupt": self.per_rank - len(rows)}
 
 
 def batch_dataset(cache: LatentCache | None):

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from hakubooru.errors import HakubooruError
+from hakubooru.errors import HakubooruError, reporting_full_disk
 
 MAGIC = b"HAKUSTATE2\n"
 _NAME = re.compile(r"^state-(\d+)\.state$")
@@ -81,10 +81,16 @@ def save_state(folder: str | os.PathLike, step: int, payload: dict, keep: int) -
     body = save_safetensors(tensors, metadata={"hakubooru_state": json.dumps(skeleton)})
     final = folder / f"state-{step:08d}.state"
     tmp = folder / f".{final.name}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(MAGIC + hashlib.sha256(body).hexdigest().encode() + b"\n" + body)
-        f.flush()
-        os.fsync(f.fileno())
+    for stale in folder.glob(".state-*.state.tmp"):  # left by a killed run (one writer per run)
+        stale.unlink()
+    try:
+        with reporting_full_disk(final, len(body) + 128), open(tmp, "wb") as f:
+            f.write(MAGIC + hashlib.sha256(body).hexdigest().encode() + b"\n" + body)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, final)
     dir_fd = os.open(folder, os.O_RDONLY)
     try:
@@ -116,9 +122,11 @@ def load_latest_state(folder: str | os.PathLike) -> tuple[Path, dict]:
     states = list_states(folder)
     if not states:
         raise HakubooruError(f"no training state in {folder} (states are written every train.save_every steps)")
-    for path in reversed(states):
+    for n, path in enumerate(reversed(states)):
         try:
             return path, read_state(path)
         except HakubooruError as e:
-            print(f"warning: {e}; falling back to the previous state", file=sys.stderr)
-    raise HakubooruError(f"every training state in {folder} is damaged; cannot resume")
+            more = n + 1 < len(states)
+            print(f"warning: {e}" + ("; falling back to the previous state" if more else ""), file=sys.stderr)
+    raise HakubooruError(f"every training state in {folder} is damaged ({len(states)}, newest "
+                         f"{states[-1].name}); cannot resume: start a new run in another --output")

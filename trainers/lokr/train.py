@@ -118,6 +118,7 @@ class Progress:
     skipped: int = 0           # optimizer steps skipped for a non-finite loss
     nonfinite_in_row: int = 0
     started_at: float = 0.0    # when the run first started (LoKr metadata); kept on resume
+    corrupt: int = 0           # samples left out for damaged bytes (data.on_corrupt = "skip")
 
 
 @dataclass
@@ -234,7 +235,7 @@ def _restore(cfg, d, index, resume, allow_config_change, sdxl, network, optimize
         print(f"resuming from {path}: step {state['step']}, epoch {state['epoch']}, batch {state['cursor']}{note}",
               file=sys.stderr)
     return Progress(state["step"], state["epoch"], state["cursor"], state["skipped"], state["nonfinite_in_row"],
-                    state.get("started_at", metadata.training_start_time()))
+                    state.get("started_at", metadata.training_start_time()), state.get("corrupt", 0))
 
 
 def state_payload(run: Run) -> dict:
@@ -242,7 +243,7 @@ def state_payload(run: Run) -> dict:
     p, tc = run.progress, run.cfg["train"]
     return {
         "format": 1, "step": p.step, "micro_step": p.step * tc["grad_accum"], "epoch": p.epoch,
-        "cursor": p.cursor, "skipped": p.skipped, "nonfinite_in_row": p.nonfinite_in_row,
+        "cursor": p.cursor, "skipped": p.skipped, "nonfinite_in_row": p.nonfinite_in_row, "corrupt": p.corrupt,
         "lokr": lokr_state_dict(run.network), "optimizer": run.optimizer.state_dict(),
         "scaler": run.scaler.state_dict(), "config": config_json(run.cfg),
         "config_fingerprint": config_fingerprint(run.cfg), "dataset_fingerprint": run.index.fingerprint,
@@ -345,13 +346,18 @@ def _loop(run: Run) -> dict:
                                    shuffle_tags=dc["shuffle_tags"], tag_dropout=dc["tag_dropout"],
                                    protect_quality_year_rating=dc["protect_quality_year_rating"],
                                    keep_tokens=dc["keep_tokens"],
-                                   keep_separator=dc["keep_separator"] or None)
+                                   keep_separator=dc["keep_separator"] or None, on_corrupt=dc["on_corrupt"])
             batches = iter(make_loader(dataset, start=p.cursor, workers=dc["workers"]))
             while p.step < run.total_steps and p.cursor < usable:
                 step_time = time.perf_counter()
-                totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, non-finite, stop
+                # loss sum, non-finite, stop, corrupt samples left out, micro-batches left empty by them
+                totals = torch.zeros(5, dtype=torch.float64, device=device)
                 for k in range(accum):
                     batch = next(batches)
+                    totals[3] += batch["corrupt"]
+                    if len(batch["ids"]) == 0:
+                        totals[4] += 1
+                        continue
                     loss = micro_batch_loss(run, batch, micro_step=p.step * accum + k)
                     if torch.isfinite(loss):
                         scaler.scale(loss / accum).backward()
@@ -362,6 +368,7 @@ def _loop(run: Run) -> dict:
                 all_reduce_sum(totals, d)  # one small collective per step: loss, non-finite count, stop
                 all_reduce_grads(params, d)
                 p.cursor += accum
+                p.corrupt += int(totals[3])
 
                 factor = lr_factor(p.step, cfg["optimizer"]["warmup_steps"])
                 for group, base in zip(optimizer.param_groups, run.base_lrs):
@@ -384,7 +391,7 @@ def _loop(run: Run) -> dict:
                 optimizer.zero_grad(set_to_none=True)
                 p.step += 1
 
-                finite_micro = d.world_size * accum - float(totals[1])
+                finite_micro = d.world_size * accum - float(totals[1]) - float(totals[4])
                 loss_value = float(totals[0]) / finite_micro if finite_micro else float("nan")
                 images_per_s = images_per_step / (time.perf_counter() - step_time)
                 samples = sampling.maybe_render(run, p.step)  # {} unless due; rank 0 renders
@@ -419,13 +426,15 @@ def _loop(run: Run) -> dict:
         final = write_lokr(run, run.output / "lokr.safetensors")
     done = p.step - start_step
     summary = {"step": p.step, "epoch": p.epoch, "steps_this_run": done, "images_this_run": done * images_per_step,
-               "skipped": p.skipped, "loss": loss_value, "interrupted_by": stop["signal"],
+               "skipped": p.skipped, "corrupt_skipped": p.corrupt, "loss": loss_value, "interrupted_by": stop["signal"],
                "seconds": time.perf_counter() - start_time, "lokr": str(final) if final else None}
     if d.is_main:
         end = (f"stopped by {stop['signal']} at step {p.step}; resume with --resume {run.output}"
                if stop["signal"] else f"final LoKr {final}")
+        corrupt = f", {p.corrupt} damaged samples left out" if p.corrupt else ""
+        loss_note = f", last loss {loss_value:.4f}" if done else " (the run had already reached it)"
         print(f"trained {done} steps ({done * images_per_step} images) to step {p.step}/{run.total_steps}, "
-              f"{p.skipped} skipped (non-finite loss), last loss {loss_value:.4f}; {end}", file=sys.stderr)
+              f"{p.skipped} skipped (non-finite loss){corrupt}{loss_note}; {end}", file=sys.stderr)
     return summary
 
 

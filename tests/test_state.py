@@ -1,0 +1,67 @@
+"""Training-state files: atomic writes, no debris from killed writes, honest messages."""
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+import torch
+
+from hakubooru.errors import HakubooruError
+from tests.shardfactory import make_test_shards
+from tests.torch_threads import one_torch_thread  # noqa: F401  (autouse)
+from trainers.lokr.config import load_config
+from trainers.lokr.state import list_states, load_latest_state, save_state
+from trainers.lokr.train import train
+
+
+def test_failed_write_leaves_the_previous_state_and_no_file(tmp_path, monkeypatch):
+    folder = tmp_path / "states"
+    save_state(folder, 1, {"w": torch.ones(3)}, keep=3)
+
+    def broken_fsync(fd):
+        raise OSError(errno.EIO, "I/O error")
+    monkeypatch.setattr(os, "fsync", broken_fsync)
+    with pytest.raises(OSError):
+        save_state(folder, 2, {"w": torch.full((3,), 2.0)}, keep=3)
+    monkeypatch.undo()
+    # the write never reached the final name, and left no temporary behind
+    assert sorted(p.name for p in folder.iterdir()) == ["state-00000001.state"]
+    path, state = load_latest_state(folder)
+    assert path.name == "state-00000001.state" and torch.equal(state["w"], torch.ones(3))
+
+
+def test_save_removes_temporaries_of_killed_writes(tmp_path):
+    folder = tmp_path / "states"
+    folder.mkdir()
+    (folder / ".state-00000007.state.tmp").write_bytes(b"HAKUSTATE2\nhalf")
+    (folder / "notes.txt").write_text("mine")
+    save_state(folder, 8, {"w": torch.ones(1)}, keep=3)
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt", "state-00000008.state"]
+
+
+def test_no_fallback_message_without_a_previous_state(tmp_path, capsys):
+    folder = tmp_path / "states"
+    save_state(folder, 1, {"w": torch.ones(1)}, keep=3)
+    save_state(folder, 2, {"w": torch.ones(1)}, keep=3)
+    for p in list_states(folder):
+        p.write_bytes(p.read_bytes()[:-3])
+    with pytest.raises(HakubooruError, match=r"every training state in .* is damaged \(2, newest state-00000002"):
+        load_latest_state(folder)
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2
+    assert err[0].endswith("state-00000002.state is damaged or was cut short (checksum mismatch); "
+                           "falling back to the previous state")
+    assert err[1].endswith("state-00000001.state is damaged or was cut short (checksum mismatch)")
+
+
+def test_resuming_a_finished_run_prints_no_nan(tmp_path, capsys):
+    shards = make_test_shards(tmp_path / "shards", n=16).dir
+    cfg = load_config("tiny", ["train.max_steps=1", "train.save_every=1"])
+    train(cfg, shards, tmp_path / "run")
+    capsys.readouterr()
+    summary = train(cfg, shards, tmp_path / "run", resume=tmp_path / "run")
+    err = capsys.readouterr().err
+    assert summary["steps_this_run"] == 0 and summary["step"] == 1
+    assert "nan" not in err
+    assert "trained 0 steps (0 images) to step 1/1, 0 skipped (non-finite loss) (the run had already reached it)" in err
