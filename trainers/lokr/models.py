@@ -176,7 +176,8 @@ def _load_folder(path: Path, dtype: torch.dtype) -> SDXL:
     try:
         return SDXL(
             UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, **common),
-            AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, **common),
+            # fp32 as stored: reading it in fp16 and casting up would round an fp32 VAE
+            AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32, **common),
             CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype, **common),
             CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", dtype=dtype, **common),
             CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **common),

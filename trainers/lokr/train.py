@@ -25,6 +25,7 @@ from trainers.lokr import models
 from trainers.lokr.bucketing import make_buckets
 from trainers.lokr.config import check_resume_config, config_fingerprint, config_json
 from trainers.lokr.data import BatchDataset, BatchPlan, load_index, make_loader
+from trainers.lokr.latents import encode_latents
 from trainers.lokr.distributed import Dist, all_reduce_grads, all_reduce_sum, barrier, init_distributed, shutdown
 from trainers.lokr.network import create_lokr, lokr_param_groups, lokr_state_dict, save_lokr
 from trainers.lokr.state import load_latest_state, save_state, state_dir
@@ -268,9 +269,7 @@ def micro_batch_loss(run: Run, batch: dict, micro_step: int) -> torch.Tensor:
     draws = sample_draws(tc["seed"], micro_step, batch["ids"], latent_shape, scheduler.config.num_train_timesteps,
                          tc["noise_offset"])
     timesteps, noise = draws.timesteps.to(device), draws.noise.to(device)
-    with torch.no_grad():  # VAE in fp32, outside autocast
-        latent_dist = sdxl.vae.encode(pixels).latent_dist
-        latents = (latent_dist.mean + latent_dist.std * draws.latent_eps.to(device)) * sdxl.vae.config.scaling_factor
+    latents = encode_latents(sdxl.vae, pixels, draws.latent_eps, run.cfg["data"]["vae_batch_size"])  # fp32, no autocast
     noisy = scheduler.add_noise(latents, noise, timesteps)
     with torch.autocast(**amp), torch.set_grad_enabled(tc["train_text_encoders"]):
         context, pooled = encode_prompts(sdxl, batch["captions"], max_windows=run.cfg["data"]["max_windows"])
