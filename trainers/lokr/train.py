@@ -103,7 +103,8 @@ def load_base_model(cfg: dict, weight_dtype: torch.dtype):
     if pretrained == "tiny":
         sdxl = models.tiny_sdxl(seed=0)
         return sdxl if weight_dtype == torch.float32 else sdxl.to(dtype=weight_dtype)
-    return models.load_sdxl(pretrained, dtype=weight_dtype, tokenizers=cfg["model"]["tokenizers"] or None)
+    return models.load_sdxl(pretrained, dtype=weight_dtype, tokenizers=cfg["model"]["tokenizers"] or None,
+                            config=cfg["model"]["config"] or None)
 
 
 @dataclass
