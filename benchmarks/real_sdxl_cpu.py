@@ -92,6 +92,8 @@ def main(argv=None) -> int:
     parser.add_argument("--precision", choices=("bf16", "no"), default="bf16")
     parser.add_argument("--nice", type=int, default=10, help="niceness of the child processes")
     parser.add_argument("--keep", action="store_true", help="keep the model files afterwards")
+    parser.add_argument("--skip-merge", action="store_true",
+                        help="leave out merge and its check (merge holds the model in fp32: ~14 GB at real size)")
     args = parser.parse_args(argv)
     work = Path(args.work) / ("narrow" if args.narrow else "full")
     work.mkdir(parents=True, exist_ok=True)
@@ -132,6 +134,8 @@ def main(argv=None) -> int:
     merged.unlink(missing_ok=True)
     lokr_file = work / "run-file" / "lokr.safetensors"
     try:
+        if args.skip_merge:
+            raise SystemExit("skipped (--skip-merge)")
         report["merge"] = run("trainers.lokr", "merge", "--pretrained", str(single), "--model-config", str(configs),
                               "--lokr", str(lokr_file), "--out", str(merged), nice=args.nice)
     except SystemExit as e:
