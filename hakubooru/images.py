@@ -32,6 +32,10 @@ DEFAULT_MAX_SOURCE_PIXELS = 178_956_970
 VALIDATION_LEVELS = ("standard", "full")
 # A PNG's last chunk, CRC included: Pillow's ``verify`` stops at IEND without reading its CRC.
 PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+# EXIF orientations that display the stored pixels transposed (width and height swapped).
+TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
+# VP8X flag: the WebP carries an EXIF chunk.
+_VP8X_EXIF = 0x08
 
 
 class BadImage(Exception):
@@ -200,6 +204,17 @@ def _to_8bit(im: Image.Image) -> Image.Image:
     return Image.fromarray(values.astype(np.uint8))  # 2-D uint8: mode L
 
 
+def displayed_size(im: Image.Image) -> tuple[int, int]:
+    """(width, height) of an image as shown, i.e. after its EXIF orientation: the stored size
+    with the sides swapped for orientations 5-8 (as ``ImageOps.exif_transpose`` rotates)."""
+    try:
+        orientation = im.getexif().get(0x0112, 1)
+    except (OSError, SyntaxError, ValueError, struct.error):  # unreadable EXIF: shown as stored
+        orientation = 1
+    w, h = im.size
+    return (h, w) if orientation in TRANSPOSING_ORIENTATIONS else (w, h)
+
+
 def to_rgb(im: Image.Image) -> Image.Image:
     """EXIF orientation applied; CMYK, palette, grey (8, 16-bit or float) and alpha images as
     RGB (alpha on white)."""
@@ -239,8 +254,9 @@ def _encode(im: Image.Image, image_format: str, quality: int) -> bytes:
 def prepare(data: bytes, source_ext: str, policy: ImagePolicy) -> StoredImage:
     """Validate one source image and return what to store (raises BadImage).
 
-    Pass-through keeps ``data`` byte for byte (its width/height as decoded, EXIF
-    orientation not applied); re-encoding writes RGB in the policy's format, downscaled
+    Pass-through keeps ``data`` byte for byte; its width/height are those displayed (EXIF
+    orientation applied, as every reader's ``to_rgb`` does), so buckets and crops agree with
+    the pixels trained. Re-encoding writes RGB in the policy's format, downscaled
     to ``max_pixels`` keeping the aspect ratio.
     """
     if source_ext not in IMAGE_EXTS:
@@ -250,13 +266,17 @@ def prepare(data: bytes, source_ext: str, policy: ImagePolicy) -> StoredImage:
             and policy.validate == "standard":
         im = None
         width, height = webp_size(data)
+        if data[12:16] == b"VP8X" and data[20] & _VP8X_EXIF:  # EXIF may rotate it: ask Pillow
+            width, height = displayed_size(_open(data))
     else:
         im = _open(data)
         if PIL_FORMAT_EXT.get(im.format) != ext:
             raise BadImage("wrong_format", f".{source_ext} file holds {im.format}")
         if ext == "png":
             _check_png_end(data)
-        width, height = im.size
+        # Pillow finds a PNG's EXIF only by decoding it: look only when the bytes hold some.
+        no_exif = ext == "png" and b"eXIf" not in data and b"exif" not in data
+        width, height = im.size if no_exif else displayed_size(im)
     _check_pixels(width, height, policy)
     reencode = policy.image_format is not None or (
         policy.max_pixels is not None and width * height > policy.max_pixels)

@@ -124,9 +124,15 @@ def test_missing_pieces_are_clear_errors(tiny_folder, tmp_path, offline):
     with pytest.raises(HakubooruError, match="diffusers folder or a .safetensors"):
         load_sdxl(other)
     path = save_sdxl_single_file(tiny_sdxl(), tmp_path / "tiny.safetensors")
-    # the bundled SDXL configs carry no tokenizers: say what to pass
-    with pytest.raises(HakubooruError, match="pass --tokenizers DIR"):
+    # the bundled SDXL configs (and SDXL's bundled tokenizers) do not fit the tiny file
+    with pytest.raises(HakubooruError, match=r"not an SDXL checkpoint of this architecture: \d+ tensors missing, "
+                                             r"e\.g\. model\.diffusion_model\.input_blocks\.2\."):
         load_sdxl(path)
+    # a config folder without tokenizers whose text encoders do not use CLIP's vocabulary
+    no_tok = tmp_path / "no_tok"
+    shutil.copytree(tiny_folder, no_tok, ignore=shutil.ignore_patterns("tokenizer*"))
+    with pytest.raises(HakubooruError, match="not CLIP's 49408; pass --tokenizers DIR"):
+        load_sdxl(path, config=no_tok)
     with pytest.raises(HakubooruError, match="does not exist"):
         load_sdxl(path, config=tmp_path / "nowhere")
     no_te2 = tmp_path / "no_te2"

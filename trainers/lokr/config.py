@@ -46,8 +46,8 @@ _CHOICES = {
 _LOWER_BOUNDS = [
     ("data.resolution", 8, False), ("data.bucket_min", 8, False), ("data.bucket_max", 8, False),
     ("data.bucket_step", 8, False), ("data.tag_dropout", 0, False), ("data.max_windows", 1, False),
-    ("data.workers", 0, False), ("data.keep_tokens", 0, False), ("train.seed", 0, False),
-    ("train.batch_size", 1, False),
+    ("data.workers", 0, False), ("data.keep_tokens", 0, False), ("data.vae_batch_size", 1, False),
+    ("train.seed", 0, False), ("train.batch_size", 1, False),
     ("train.grad_accum", 1, False), ("train.epochs", 1, False), ("train.max_steps", 0, False),
     ("train.min_snr_gamma", 0, False), ("train.noise_offset", 0, False),
     ("train.max_grad_norm", 0, False), ("train.max_nonfinite_in_row", 1, False),

@@ -259,10 +259,11 @@ class BatchDataset(torch.utils.data.Dataset):
             image.load()
         except (OSError, SyntaxError, ValueError) as e:
             raise HakubooruError(f"{where}: cannot decode its image ({e})") from None
+        image = to_rgb(image)  # the index holds the displayed size (EXIF orientation applied)
         if image.size != (ix.width[row], ix.height[row]):
             raise HakubooruError(f"{where}: image is {image.size[0]}x{image.size[1]} but "
                                  f"index.parquet says {ix.width[row]}x{ix.height[row]}")
-        return record, to_rgb(image)
+        return record, image
 
     def _crop(self, image: Image.Image, bw: int, bh: int, u: float, time_ids: torch.Tensor):
         """Resize to cover the bucket and crop; fill this sample's time ids; return the CHW

@@ -127,18 +127,21 @@ def sdxl_on_meta() -> SDXL:
     return sdxl_base_architecture("meta")
 
 
-def sdxl_base_architecture(device: str | torch.device, dtype: torch.dtype = torch.float32) -> SDXL:
-    """The SDXL 1.0 base architecture with random weights (or none, on "meta"), built on
-    `device` in `dtype`; the VAE stays float32 (SDXL's VAE overflows in fp16). No tokenizers."""
+def sdxl_base_architecture(device: str | torch.device, dtype: torch.dtype = torch.float32,
+                           config: str | os.PathLike = SDXL_CONFIGS) -> SDXL:
+    """The SDXL architecture of the config folder `config` (default: SDXL 1.0 base) with
+    random weights (or none, on "meta"), built on `device` in `dtype`; the VAE stays float32
+    (SDXL's VAE overflows in fp16). No tokenizers."""
+    config = Path(config)
     with torch.device(device):
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(SDXL_CONFIGS / "unet"))
-        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(SDXL_CONFIGS / "vae"))
-        te1 = CLIPTextModel(CLIPTextConfig.from_pretrained(SDXL_CONFIGS / "text_encoder"))
-        te2 = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(SDXL_CONFIGS / "text_encoder_2"))
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config / "unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(config / "vae"))
+        te1 = CLIPTextModel(CLIPTextConfig.from_pretrained(config / "text_encoder"))
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(config / "text_encoder_2"))
     if dtype != torch.float32:
         for model in (unet, te1, te2):
             model.to(dtype=dtype)
-    scheduler = training_scheduler(DDPMScheduler.load_config(SDXL_CONFIGS / "scheduler"))
+    scheduler = training_scheduler(DDPMScheduler.load_config(config / "scheduler"))
     return SDXL(unet, vae, te1, te2, None, None, scheduler)
 
 
@@ -153,7 +156,10 @@ def load_sdxl(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
     For a single file, the component configs come from `config` (a diffusers-layout folder;
     default: the SDXL 1.0 base configs bundled in `sdxl_configs/`), and the tokenizers from
     `tokenizers` (any folder with `tokenizer/` and `tokenizer_2/`, such as a diffusers SDXL
-    folder), else from `config` if it has them. Never contacts the hub.
+    folder), else from `config` if it has them, else SDXL's own (bundled,
+    `hakubooru.clip_tokenizer`). Weights are read one tensor at a time into the model
+    built on the meta device (no second copy); the VAE is always fp32, as stored. Never
+    contacts the hub.
     """
     path = Path(path)
     if not path.exists():
@@ -172,11 +178,21 @@ def _load_folder(path: Path, dtype: torch.dtype) -> SDXL:
         raise HakubooruError(
             f"{path} is not a complete diffusers SDXL folder: missing {', '.join(missing)} "
             "(copy them from the SDXL base model's folder of the same name, or pass a single-file .safetensors)")
+    from trainers.lokr.loading import folder_files, load_folder_components
+
+    files = folder_files(path, dtype)
+    if files is not None:  # one safetensors file per component: read without a second copy
+        sdxl = sdxl_base_architecture("meta", dtype, path)
+        load_folder_components(sdxl, files, dtype)
+        sdxl.tokenizer_1 = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
+        sdxl.tokenizer_2 = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", local_files_only=True)
+        return sdxl
     common = dict(local_files_only=True)
     try:
         return SDXL(
             UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, **common),
-            AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, **common),
+            # fp32 as stored: reading it in fp16 and casting up would round an fp32 VAE
+            AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32, **common),
             CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype, **common),
             CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", dtype=dtype, **common),
             CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **common),
@@ -188,7 +204,7 @@ def _load_folder(path: Path, dtype: torch.dtype) -> SDXL:
 
 
 def _load_single_file(path: Path, dtype: torch.dtype, config: Path, tokenizers: Path | None) -> SDXL:
-    from diffusers import StableDiffusionXLPipeline
+    from trainers.lokr.loading import load_components
 
     if not config.is_dir():
         raise HakubooruError(f"config folder {config} does not exist (give a diffusers SDXL folder)")
@@ -196,45 +212,32 @@ def _load_single_file(path: Path, dtype: torch.dtype, config: Path, tokenizers: 
     missing = _missing(config, models) + ([] if (config / "model_index.json").is_file() else ["model_index.json"])
     if missing:
         raise HakubooruError(f"config folder {config} lacks {', '.join(missing)} (pass a diffusers SDXL folder as config)")
-    source = tokenizers or config
-    lacking = _missing(source, {k: COMPONENT_FILES[k] for k in TOKENIZER_DIRS})
-    if lacking:
-        raise HakubooruError(
-            f"no tokenizers for single-file checkpoint {path.name}: {source} lacks {', '.join(lacking)}; "
-            "pass --tokenizers DIR (a folder holding tokenizer/ and tokenizer_2/, e.g. a diffusers SDXL folder)")
-    tok1 = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", local_files_only=True)
-    tok2 = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", local_files_only=True)
-    try:
-        pipe = StableDiffusionXLPipeline.from_single_file(
-            str(path), config=str(config), tokenizer=tok1, tokenizer_2=tok2,
-            local_files_only=True, torch_dtype=dtype)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise HakubooruError(f"cannot load {path} as an SDXL checkpoint with configs from {config}: "
-                             f"{str(exc).splitlines()[0]}") from exc
-    sdxl = SDXL(pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, tok1, tok2,
-                training_scheduler(pipe.scheduler.config))
-    _check_loaded(sdxl, path)
+    sdxl = sdxl_base_architecture("meta", dtype, config)
+    sdxl.tokenizer_1, sdxl.tokenizer_2 = _single_file_tokenizers(path, config, tokenizers, sdxl)
+    load_components(sdxl, path, dtype)
     return sdxl
 
 
-def _check_loaded(sdxl: SDXL, path: Path) -> None:
-    """diffusers loads single files with `strict=False`: a missing or mis-shaped tensor would
-    silently stay random. Compare every tensor of the loaded model with the file's."""
-    from safetensors import safe_open
+def _single_file_tokenizers(path: Path, config: Path, tokenizers: Path | None, sdxl: SDXL):
+    """From `tokenizers`, else from `config` if it has them, else SDXL's own (bundled)."""
+    source = tokenizers or config
+    lacking = _missing(source, {k: COMPONENT_FILES[k] for k in TOKENIZER_DIRS})
+    if not lacking:
+        return (CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", local_files_only=True),
+                CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", local_files_only=True))
+    if tokenizers is not None:
+        raise HakubooruError(f"tokenizer folder {tokenizers} lacks {', '.join(lacking)} "
+                             "(give a folder holding tokenizer/ and tokenizer_2/, e.g. a diffusers SDXL folder)")
+    from hakubooru.clip_tokenizer import sdxl_tokenizers
 
-    from trainers.lokr.ldm import sdxl_to_ldm
-
-    expected = sdxl_to_ldm(sdxl)
-    with safe_open(str(path), "pt") as f:
-        absent = sorted(set(expected) - set(f.keys()))
-        if absent:
-            raise HakubooruError(f"{path} is not an SDXL checkpoint of this architecture: "
-                                 f"{len(absent)} tensors missing, e.g. {absent[0]}")
-        for key, value in expected.items():
-            stored = f.get_tensor(key)
-            if stored.shape != value.shape or not torch.equal(stored.to(value.dtype), value):
-                raise HakubooruError(f"{path}: tensor {key} did not load (shape {tuple(stored.shape)} in the "
-                                     f"file, {tuple(value.shape)} in the model); check the config folder")
+    bundled = sdxl_tokenizers()
+    vocab = {te.config.vocab_size for te in (sdxl.text_encoder_1, sdxl.text_encoder_2)}
+    if vocab != {len(bundled[0])}:
+        raise HakubooruError(
+            f"no tokenizers for single-file checkpoint {path.name}: its text encoders have a "
+            f"{'/'.join(map(str, sorted(vocab)))}-token vocabulary, not CLIP's {len(bundled[0])}; "
+            "pass --tokenizers DIR (a folder holding tokenizer/ and tokenizer_2/)")
+    return bundled
 
 
 def save_sdxl(sdxl: SDXL, folder: str | os.PathLike) -> Path:

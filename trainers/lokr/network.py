@@ -100,6 +100,7 @@ def create_lokr(sdxl, lokr_cfg: dict, *, text_encoders: bool = True) -> LycorisN
             kohya_text_encoders(sdxl) if text_encoders else None, sdxl.unet,
             multiplier=1.0, lora_dim=dim, conv_lora_dim=dim, alpha=dim, conv_alpha=dim,
             network_module="lokr", full_matrix=True, factor=-1, decompose_both=False,
+            bypass_mode=bool(lokr_cfg.get("bypass_mode", False)),  # speed only: same weights, same files
             warn_on_unmatched=False,
         )
         network.apply_to(None, None, apply_text_encoder=text_encoders, apply_unet=True)

@@ -25,6 +25,7 @@ from trainers.lokr import metadata, models, sampling
 from trainers.lokr.bucketing import make_buckets
 from trainers.lokr.config import check_resume_config, config_fingerprint, config_json
 from trainers.lokr.data import BatchDataset, BatchPlan, load_index, make_loader
+from trainers.lokr.latents import encode_latents
 from trainers.lokr.distributed import Dist, all_reduce_grads, all_reduce_sum, barrier, init_distributed, shutdown
 from trainers.lokr.latent_cache import batch_dataset, cached_latents, open_cache
 from trainers.lokr.naming import to_diffusers
@@ -105,7 +106,8 @@ def load_base_model(cfg: dict, weight_dtype: torch.dtype):
     if pretrained == "tiny":
         sdxl = models.tiny_sdxl(seed=0)
         return sdxl if weight_dtype == torch.float32 else sdxl.to(dtype=weight_dtype)
-    return models.load_sdxl(pretrained, dtype=weight_dtype, tokenizers=cfg["model"]["tokenizers"] or None)
+    return models.load_sdxl(pretrained, dtype=weight_dtype, tokenizers=cfg["model"]["tokenizers"] or None,
+                            config=cfg["model"]["config"] or None)
 
 
 @dataclass
@@ -296,10 +298,8 @@ def micro_batch_loss(run: Run, batch: dict, micro_step: int) -> torch.Tensor:
     timesteps, noise = draws.timesteps.to(device), draws.noise.to(device)
     if cached:
         latents = cached_latents(batch, draws.latent_eps, sdxl.vae.config.scaling_factor, device)
-    else:
-        with torch.no_grad():  # VAE in fp32, outside autocast
-            latent_dist = sdxl.vae.encode(pixels).latent_dist
-            latents = (latent_dist.mean + latent_dist.std * draws.latent_eps.to(device)) * sdxl.vae.config.scaling_factor
+    else:  # VAE in fp32, outside autocast, in sub-batches of data.vae_batch_size
+        latents = encode_latents(sdxl.vae, pixels, draws.latent_eps, run.cfg["data"]["vae_batch_size"])
     noisy = scheduler.add_noise(latents, noise, timesteps)
     with torch.autocast(**amp), torch.set_grad_enabled(tc["train_text_encoders"]):
         context, pooled = encode_prompts(sdxl, batch["captions"], max_windows=run.cfg["data"]["max_windows"])
