@@ -38,11 +38,12 @@ def build(demo, out, **kw):
 
 
 def test_clean_build_file_list(demo):
-    # 600 posts / 200 = 3 shards; bookkeeping: plan, lock, .parts/ with one sidecar per shard
+    # 600 posts / 200 = 3 shards; bookkeeping: plan, lock, .parts/ with one sidecar per shard;
+    # the dataset card README.md
     names = sorted(str(p.relative_to(demo["out"])) for p in demo["out"].rglob("*"))
     assert names == [".hakubooru-build.json", ".hakubooru-build.lock", ".parts",
                      ".parts/shard-000000.json", ".parts/shard-000001.json", ".parts/shard-000002.json",
-                     "index.parquet", "manifest.json", "shard-000000.tar", "shard-000001.tar",
+                     "README.md", "index.parquet", "manifest.json", "shard-000000.tar", "shard-000001.tar",
                      "shard-000002.tar", "skipped.parquet"]
 
 

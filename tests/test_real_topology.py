@@ -104,9 +104,13 @@ def test_train_from_folder_and_file_give_identical_lokrs_then_merge(narrow, tmp_
     done = cli("trainers.lokr", "merge", "--pretrained", str(narrow / "sdxl.safetensors"),
                "--model-config", str(narrow / "configs"), "--lokr", str(tmp_path / "file" / "lokr.safetensors"),
                "--out", str(merged), "--dtype", "fp32")
-    if done.returncode != 0 and "duplicated lora name" in done.stderr:
-        pytest.xfail("merge CLI in a fresh process: LyCORIS 'duplicated lora name' (fixed on main by issue [6])")
     assert done.returncode == 0, done.stderr[-2000:]
+    assert "sd-scripts naming" in done.stderr  # the trainer's default names, read back by merge
+    from safetensors import safe_open
+    published = {line.split()[0] for line in (Path(__file__).resolve().parents[2] / "shared" / "data" /
+                 "sdxl_base_1.0_keys.txt").read_text().splitlines() if line and not line.startswith("#")}
+    with safe_open(str(merged), "pt") as f:
+        assert set(f.keys()) == published  # every name of the published file, narrow shapes
     base = load_sdxl(narrow / "sdxl.safetensors", config=narrow / "configs")
     load_lokr(base, tmp_path / "file" / "lokr.safetensors")  # hooked in, as in training
     after = load_sdxl(merged, config=narrow / "configs")

@@ -1,6 +1,6 @@
 """diffusers → original ("ldm") SDXL single-file key layout, the layout of community
-checkpoints (sd-webui, ComfyUI, kohya). Loading goes the other way through diffusers'
-own `from_single_file`; tests check that it gives back exactly what this writes."""
+checkpoints (sd-webui, ComfyUI, kohya). Loading goes the other way (trainers/lokr/loading.py);
+tests check that it gives back exactly what this writes."""
 from __future__ import annotations
 
 import math
