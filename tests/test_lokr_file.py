@@ -71,9 +71,9 @@ def test_every_epsilon_module_maps_one_to_one_onto_the_published_checkpoint(epsi
                  for k in keys if k.startswith("model.diffusion_model.") and k.endswith(".weight")}
     unet_names = [n for n in ours if n.startswith("lora_unet_")]
     assert len(unet_names) == 762 and set(unet_names) <= from_keys
-    used = {}
+    used, paths = {}, naming.ldm_paths(sdxl.unet)
     for name, shape in ours.items():
-        key, part = naming.checkpoint_target(name, sdxl.unet)
+        key, part = naming.checkpoint_target(name, paths)
         assert key in keys, name
         if part is None:
             assert keys[key] == shape, (name, key)
@@ -104,7 +104,8 @@ def test_diffusers_names_map_through_the_converter(epsilon_on_meta):
     back, found = naming.to_diffusers(converted, sdxl.unet)
     assert found == "sd-scripts" and back == state
     keys = published_keys()
-    mapped = {naming.checkpoint_target(naming.module_name(k), sdxl.unet)[0] for k in converted}
+    paths = naming.ldm_paths(sdxl.unet)
+    mapped = {naming.checkpoint_target(naming.module_name(k), paths)[0] for k in converted}
     assert mapped <= keys.keys() and len(converted) == 1026
     with pytest.raises(ValueError, match="mixed LoKr naming"):
         naming.detect(["lora_unet_down_blocks_0_resnets_0_conv1", "lora_unet_input_blocks_1_0_in_layers_2"])

@@ -82,12 +82,17 @@ def to_diffusers(state: dict, unet: torch.nn.Module) -> tuple[dict, str]:
     return rename(state, {ldm: diff for diff, ldm in unet_names(unet).items()}), found
 
 
-def checkpoint_target(name: str, unet: torch.nn.Module) -> tuple[str, int | None]:
+def ldm_paths(unet: torch.nn.Module) -> dict[str, str]:
+    """{sd-scripts LoKr name: ldm module path} of every Linear / Conv2d of `unet`."""
+    return {lokr_name(ldm): ldm for _, ldm in unet_modules(unet)}
+
+
+def checkpoint_target(name: str, paths: dict[str, str]) -> tuple[str, int | None]:
     """The tensor of an SDXL single-file checkpoint that the LoKr module `name` (sd-scripts
     naming) changes, as (key, part): `part` is 0, 1 or 2 for text encoder 2's q, k, v projections,
-    which the checkpoint fuses into one `in_proj_weight` (q, k, v stacked along rows), else None."""
+    which the checkpoint fuses into one `in_proj_weight` (q, k, v stacked along rows), else None.
+    `paths` is `ldm_paths(unet)`, built once for many names."""
     if name.startswith(UNET_PREFIX):
-        paths = {lokr_name(ldm): ldm for _, ldm in unet_modules(unet)}
         if name not in paths:
             raise KeyError(f"no SDXL UNet module is named {name}")
         return UNET + paths[name] + ".weight", None
