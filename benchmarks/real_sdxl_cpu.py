@@ -116,7 +116,8 @@ def main(argv=None) -> int:
                   "--set", f"train.mixed_precision={args.precision}", "--set", "data.workers=0",
                   "--set", "data.resolution=256", "--set", "data.bucket_min=128",
                   "--set", "data.bucket_max=512", "--set", "optimizer.warmup_steps=0",
-                  "--set", "optimizer.lr_unet=1e-3", "--set", "optimizer.lr_text=1e-3"]
+                  "--set", "optimizer.lr_unet=1e-3", "--set", "optimizer.lr_text=1e-3",
+                  "--set", "sample.every=0"]  # the recipe's 1024² sample renders would dominate a CPU run
     lokrs = {}
     for name, pretrained, extra in (("folder", folder, []),
                                     ("file", single, ["--set", f"model.config={configs}"])):
@@ -174,8 +175,17 @@ def main(argv=None) -> int:
               f"(LoKr's own effect {merge_diff['lokr_effect']:.3g}, outputs up to {merge_diff['output_max']:.3g}; "
               f"the merged file is fp16, compared in {dtype})")
     peaks = [report[k]["peak_rss"] for k in ("train folder", "train file")]
+    # what training adds besides activations: LoKr weights and grads (fp32) and the optimizer state
+    lokr_fp32 = sum(t.numel() * 4 for t in lokrs["file"].values())
+    states = sorted((work / "run-file" / "states").glob("state-*.state"))
+    optimizer_bytes = states[-1].stat().st_size - lokr_fp32 if states else 0
+    training = 2 * lokr_fp32 + optimizer_bytes
+    print(f"LoKr training tensors: weights + grads {2 * lokr_fp32 / GIB:.2f} GiB (fp32), optimizer state "
+          f"{optimizer_bytes / GIB:.2f} GiB; the rest of the peak (activations, runtime): "
+          f"{(max(peaks) - model_bytes - training) / GIB:.2f} GiB")
     print(f"memory target (peak RSS of a run <= 1.5x the loaded model + activations): "
-          f"{max(peaks) / model_bytes:.2f}x")
+          f"{max(peaks) / model_bytes:.2f}x the loaded model in all; "
+          f"{(max(peaks) - training) / model_bytes:.2f}x without the LoKr training tensors")
     if not args.keep and not args.narrow:
         for path in (folder, single, merged):
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)

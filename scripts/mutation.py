@@ -23,6 +23,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,6 +42,67 @@ MODULES = {
     "trainers/lokr/train.py": ("tests/test_train.py -k 'min_snr or draws or warmup or mse or timesteps'",
                                "step-functions"),
     "hakubooru/buildlock.py": ("tests/test_build_robustness.py -k 'lock or temporar'", None),
+    # the rest of hakubooru/
+    "hakubooru/db.py": ("tests/test_db.py", None),
+    "hakubooru/builder.py": ("tests/test_builder.py", None),
+    "hakubooru/manifest.py": ("tests/test_builder.py -k 'manifest or rerun or refus or other_inputs or parts'", None),
+    "hakubooru/shardwriter.py": ("tests/test_shardwriter.py tests/test_builder.py -k 'every_sample or offsets'", None),
+    "hakubooru/sources.py": ("tests/test_sources.py", None),
+    "hakubooru/images.py": ("tests/test_images.py tests/test_to_rgb.py tests/test_orientation.py", None),
+    "hakubooru/hf.py": ("tests/test_card.py", None),
+    "hakubooru/card.py": ("tests/test_card.py", None),
+    "hakubooru/cli.py": ("tests/test_cli.py tests/test_selector.py -k 'select_command or help or option or overwrite or shard_file'", None),
+    "hakubooru/errors.py": ("tests/test_cli.py tests/test_build_robustness.py -k 'full_disk or lock or one_line or named'", None),
+    "hakubooru/clip_tokenizer.py": ("tests/test_clip_tokenizer.py", None),
+    "hakubooru/export.py": ("tests/test_export.py", None),
+    "hakubooru/report.py": ("tests/test_report.py -k 'not screenshot'", None),
+    "hakubooru/report_html.py": ("tests/test_report.py -k 'not screenshot'", None),
+    "hakubooru/htmlpage.py": ("tests/test_report.py tests/test_curves.py -k 'not screenshot'", None),
+    "hakubooru/shardfolder.py": ("tests/test_wdsindex.py tests/test_export.py -k 'refus or shard_file'", None),
+    "hakubooru/wdsindex.py": ("tests/test_wdsindex.py", None),
+    "hakubooru/commands/build.py": ("tests/test_builder.py tests/test_cli.py", None),
+    "hakubooru/commands/caption.py": ("tests/test_captioner.py tests/test_cli.py", None),
+    "hakubooru/commands/caption_style.py": ("tests/test_caption_style.py", None),
+    "hakubooru/commands/export.py": ("tests/test_export.py", None),
+    "hakubooru/commands/index.py": ("tests/test_wdsindex.py", None),
+    "hakubooru/commands/report.py": ("tests/test_report.py -k 'not screenshot'", None),
+    "hakubooru/commands/select.py": ("tests/test_selector.py tests/test_cli.py", None),
+    "hakubooru/commands/synth.py": ("tests/test_synth.py -k 'command_line or bad_arguments'", None),
+    "hakubooru/synth/database.py": ("tests/test_synth.py", None),
+    "hakubooru/synth/posts.py": ("tests/test_synth.py", None),
+    "hakubooru/synth/tags.py": ("tests/test_synth.py", None),
+    "hakubooru/synth/images.py": ("tests/test_synth.py", None),
+    "hakubooru/synth/archives.py": ("tests/test_synth.py", None),
+    "hakubooru/synth/demo.py": ("tests/test_synth.py", None),
+    "hakubooru/synth/subset.py": ("tests/test_synth.py", None),
+    # the rest of trainers/lokr/
+    "trainers/lokr/augment.py": ("tests/test_augment.py tests/test_wdsindex.py -k 'augment or keep'", None),
+    "trainers/lokr/data.py": ("tests/test_data.py", None),
+    "trainers/lokr/config.py": ("tests/test_config.py", None),
+    "trainers/lokr/__main__.py": ("tests/test_config.py -k 'cli or resume'", None),
+    "trainers/lokr/text.py": ("tests/test_text.py", None),
+    "trainers/lokr/models.py": ("tests/test_models.py", None),
+    "trainers/lokr/loading.py": ("tests/test_models.py tests/test_real_topology.py -k 'round_trip or missing or folder or load'", None),
+    "trainers/lokr/ldm.py": ("tests/test_models.py tests/test_lokr_file.py -k 'single_file or merge_cli'", None),
+    "trainers/lokr/fake_sdxl.py": ("tests/test_real_topology.py", None),
+    "trainers/lokr/network.py": ("tests/test_network.py tests/test_bypass.py", None),
+    "trainers/lokr/naming.py": ("tests/test_lokr_file.py -k 'epsilon or diffusers_names or single_file or both_namings'", None),
+    "trainers/lokr/convert.py": ("tests/test_lokr_file.py -k 'convert or generic or fresh_process'", None),
+    "trainers/lokr/metadata.py": ("tests/test_lokr_file.py -k 'metadata or byte_identical'", None),
+    "trainers/lokr/safetensors_file.py": ("tests/test_lokr_file.py tests/test_state.py -k 'metadata or byte_identical or state or write'", None),
+    "trainers/lokr/state.py": ("tests/test_state.py tests/test_resume.py", None),
+    "trainers/lokr/merge.py": ("tests/test_merge.py", None),
+    "trainers/lokr/latents.py": ("tests/test_latents.py", None),
+    "trainers/lokr/cache.py": ("tests/test_latent_cache.py -k 'not gpu_step'", None),
+    "trainers/lokr/latent_cache.py": ("tests/test_latent_cache.py -k 'not gpu_step'", None),
+    "trainers/lokr/distributed.py": ("tests/test_ddp.py", None),
+    "trainers/lokr/dryrun.py": ("tests/test_dryrun.py", None),
+    "trainers/lokr/memory.py": ("tests/test_memory.py", None),
+    "trainers/lokr/sampling.py": ("tests/test_sampling.py", None),
+    "trainers/lokr/report.py": ("tests/test_curves.py", None),
+    "trainers/lokr/tblog.py": ("tests/test_tblog.py", None),
+    # train.py beyond the step functions: the loop (its tests train the tiny model)
+    "trainers/lokr/train.py::loop": ("tests/test_train.py tests/test_state.py", "loop"),
 }
 KEEP = {  # operator families and the members kept (the rest would multiply mutants, not bugs)
     "ReplaceBinaryOperator": {"Add_Sub", "Sub_Add", "Mul_Div", "Div_Mul", "FloorDiv_Div",
@@ -80,13 +142,17 @@ def copy_tree(dest: Path) -> None:
             shutil.copy2(src, dest / name)
 
 
+def session_stem(module: str) -> str:
+    """File stem of a MODULES entry's session ("trainers/lokr/train.py::loop" -> trainers_lokr_train_loop)."""
+    return module.replace("::", "_").replace("/", "_").replace(".py", "")
+
+
 def write_config(work: Path, module: str, tests: str, timeout: float) -> Path:
     """The cosmic-ray config of one module's session."""
-    stem = module.replace("/", "_").removesuffix(".py")
-    config = work / f"{stem}.toml"
+    config = work / f"{session_stem(module)}.toml"
     config.write_text(
         "[cosmic-ray]\n"
-        f"module-path = {json.dumps(module)}\n"
+        f"module-path = {json.dumps(module.split('::')[0])}\n"
         f"timeout = {timeout}\n"
         "excluded-modules = []\n"
         f"test-command = {json.dumps(f'{sys.executable} -m pytest -x -q -p no:cacheprovider {tests}')}\n"
@@ -98,21 +164,24 @@ def write_config(work: Path, module: str, tests: str, timeout: float) -> Path:
 
 def run_module(work: Path, module: str, tests: str, lines, timeout: float, sample: int) -> dict:
     """Init, filter and execute one module's session; returns its counts and survivors."""
-    stem = module.replace("/", "_").removesuffix(".py")
+    stem = session_stem(module)
     config, session = write_config(work, module, tests, timeout), work / f"{stem}.sqlite"
     python = sys.executable
     env = dict(os.environ, PYTHONPATH=str(work), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     cr = Path(python).with_name("cosmic-ray")
     session.unlink(missing_ok=True)
+    baseline(work, module, tests, env)
     subprocess.run([str(cr), "init", str(config), str(session)], cwd=work, env=env, check=True)
     subprocess.run([str(Path(python).with_name("cr-filter-operators")), str(session), str(config)],
                    cwd=work, env=env, check=True)
     with sqlite3.connect(session) as db:
-        if lines == "step-functions":
-            lo, hi = step_function_lines(work / module)
+        if lines in ("step-functions", "loop"):  # train.py: its step functions, or everything else
+            lo, hi = step_function_lines(work / module.split("::")[0])
+            outside = "start_pos_row < ? OR start_pos_row > ?" if lines == "step-functions" else \
+                "start_pos_row BETWEEN ? AND ?"
             db.execute("INSERT OR IGNORE INTO work_results (worker_outcome, output, job_id) "
-                       "SELECT 'SKIPPED', 'outside the line range', job_id FROM mutation_specs "
-                       "WHERE start_pos_row < ? OR start_pos_row > ?", (lo, hi))
+                       f"SELECT 'SKIPPED', 'outside the line range', job_id FROM mutation_specs WHERE {outside}",
+                       (lo, hi))
         if sample:  # every k-th remaining mutant in (line, operator, occurrence) order
             left = [r[0] for r in db.execute(
                 "SELECT s.job_id FROM mutation_specs s LEFT JOIN work_results r ON r.job_id = s.job_id "
@@ -126,11 +195,24 @@ def run_module(work: Path, module: str, tests: str, lines, timeout: float, sampl
     return summarize(session, work / f"{stem}.survivors.txt")
 
 
+def baseline(work: Path, module: str, tests: str, env: dict) -> float:
+    """Run ``module``'s tests once on the unmutated copy: they must pass (a failing or empty test
+    selection would count every mutant as killed). Returns their wall seconds."""
+    start = time.perf_counter()
+    run = subprocess.run(f"{sys.executable} -m pytest -x -q -p no:cacheprovider {tests}", shell=True,
+                         cwd=work, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if run.returncode != 0:
+        sys.exit(f"error: {module}'s tests fail before any mutation (exit {run.returncode}); "
+                 f"fix them or MODULES first:\n{run.stdout[-1500:]}")
+    print(f"{module}: baseline {seconds:.1f} s ({tests})", flush=True)
+    return seconds
+
+
 def recheck(work: Path, module: str, tests: str, timeout: float) -> dict | None:
     """Run the survivors of ``module``'s session in ``work`` again with ``tests`` (after today's
     tree was copied in); None if the module has no session there."""
-    stem = module.replace("/", "_").removesuffix(".py")
-    session = work / f"{stem}.sqlite"
+    session = work / f"{session_stem(module)}.sqlite"
     if not session.is_file():
         return None
     config = write_config(work, module, tests, timeout)
@@ -139,7 +221,7 @@ def recheck(work: Path, module: str, tests: str, timeout: float) -> dict | None:
     env = dict(os.environ, PYTHONPATH=str(work), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     subprocess.run([str(Path(sys.executable).with_name("cosmic-ray")), "exec", str(config), str(session)],
                    cwd=work, env=env, check=True)
-    return summarize(session, work / f"{stem}.survivors.txt")
+    return summarize(session, work / f"{session_stem(module)}.survivors.txt")
 
 
 def summarize(session: Path, survivors_file: Path) -> dict:

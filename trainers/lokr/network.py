@@ -118,8 +118,10 @@ def lokr_param_groups(network, lr_unet: float, lr_text: float, weight_decay: flo
 
 
 def lokr_state_dict(network) -> dict[str, torch.Tensor]:
-    """The LoKr weights in fp32 on the CPU (kohya keys), for training state and exact resume."""
-    return {k: v.detach().to("cpu", torch.float32).clone() for k, v in network.state_dict().items()}
+    """The LoKr weights in fp32 on the CPU (kohya keys), for training state and exact resume:
+    the parameters themselves where they already are fp32 on the CPU (no copy; write them before
+    the next step)."""
+    return {k: v.detach().to("cpu", torch.float32) for k, v in network.state_dict().items()}
 
 
 def save_lokr(network, path: str | os.PathLike, metadata: dict, *, unet: torch.nn.Module,

@@ -44,7 +44,8 @@ def header_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | No
     return len(text).to_bytes(8, "little") + text
 
 
-def _tensor_bytes(t: torch.Tensor, dtype: torch.dtype | None = None) -> memoryview:
+def tensor_bytes(t: torch.Tensor, dtype: torch.dtype | None = None) -> memoryview:
+    """The bytes `t` (cast to `dtype` if given) has in a safetensors file."""
     t = t.detach().to("cpu", dtype or t.dtype).contiguous()
     return memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
 
@@ -62,7 +63,7 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
         with os.fdopen(fd, "wb") as f:
             f.write(header_bytes(tensors, metadata, dtype))
             for name in sorted(tensors):
-                f.write(_tensor_bytes(tensors[name], dtype))
+                f.write(tensor_bytes(tensors[name], dtype))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -99,5 +100,5 @@ def sd_scripts_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
 
     feed(memoryview(head), False)
     for name in sorted(tensors):
-        feed(_tensor_bytes(tensors[name]), True)
+        feed(tensor_bytes(tensors[name]), True)
     return model.hexdigest(), legacy.hexdigest()[:8]

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 
 from hakubooru.errors import HakubooruError, reporting_full_disk
+from trainers.lokr.safetensors_file import header_bytes, tensor_bytes
 
 MAGIC = b"HAKUSTATE2\n"
 _NAME = re.compile(r"^state-(\d+)\.state$")
@@ -78,14 +78,22 @@ def save_state(folder: str | os.PathLike, step: int, payload: dict, keep: int) -
     folder.mkdir(parents=True, exist_ok=True)
     tensors: dict = {}
     skeleton = _pack(payload, tensors, {})
-    body = save_safetensors(tensors, metadata={"hakubooru_state": json.dumps(skeleton)})
+    head = header_bytes(tensors, {"hakubooru_state": json.dumps(skeleton)})
+    size = len(MAGIC) + 65 + len(head) + sum(t.numel() * t.element_size() for t in tensors.values())
     final = folder / f"state-{step:08d}.state"
     tmp = folder / f".{final.name}.tmp"
     for stale in folder.glob(".state-*.state.tmp"):  # left by a killed run (one writer per run)
         stale.unlink()
-    try:
-        with reporting_full_disk(final, len(body) + 128), open(tmp, "wb") as f:
-            f.write(MAGIC + hashlib.sha256(body).hexdigest().encode() + b"\n" + body)
+    try:  # streamed tensor by tensor (no copy of the body in memory); the checksum goes in last
+        with reporting_full_disk(final, size), open(tmp, "wb") as f:
+            f.write(MAGIC + b"0" * 64 + b"\n" + head)
+            digest = hashlib.sha256(head)
+            for name in sorted(tensors):
+                chunk = tensor_bytes(tensors[name])
+                digest.update(chunk)
+                f.write(chunk)
+            f.seek(len(MAGIC))
+            f.write(digest.hexdigest().encode())
             f.flush()
             os.fsync(f.fileno())
     except BaseException:
