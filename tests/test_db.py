@@ -158,3 +158,40 @@ def test_lock_at_every_query_site_is_the_same_line(locked):
         Post.select().count()
     with pytest.raises(HakubooruError, match=LOCKED):
         list(Captioner(locked).captions(np.array([1, 2])))
+
+
+def test_schema_leaves_every_column_nullable_but_the_keys_and_tag_identity():
+    """HakuBooru's models, as the public dump has them: a post may lack any field (Gold posts
+    have no md5 or URLs, old posts no source), so only ids, relation ends and a tag's name and
+    type are NOT NULL in the schema the synthetic generator writes."""
+    from hakubooru.db import create_schema_sql
+
+    conn = sqlite3.connect(":memory:")
+    for stmt in create_schema_sql():
+        conn.execute(stmt)
+    not_null = {(table, row[1]) for table in ("post", "tag", "posttagrelation", "localpost")
+                for row in conn.execute(f"PRAGMA table_info({table})") if row[3]}
+    assert not_null == {("post", "id"), ("tag", "id"), ("tag", "name"), ("tag", "type"),
+                        ("posttagrelation", "id"), ("posttagrelation", "post_id"),
+                        ("posttagrelation", "tag_id"), ("localpost", "id")}
+    post_columns = [row[1] for row in conn.execute("PRAGMA table_info(post)")]
+    assert len(post_columns) == 27  # formats.md: id .. updated_at
+
+
+@pytest.mark.parametrize("padding", [0, 3 << 20])  # under 1 MiB (head = tail = whole file), over 2 MiB
+def test_fingerprint_formula_by_hand(tmp_path, padding):
+    """sha256 of the first MiB, the last MiB and "size:count:max_id", first 32 hex digits,
+    then the post count: selections and manifests record it, so it must not drift."""
+    import hashlib
+
+    path = write_db(tmp_path / "f.db", [post(3), post(9)], [(1, "1girl", 0, 2)], [(3, 1), (9, 1)])
+    if padding:
+        with sqlite3.connect(path) as conn:
+            conn.execute("CREATE TABLE pad (b BLOB)")
+            conn.execute("INSERT INTO pad VALUES (?)", (bytes(range(256)) * (padding // 256),))
+    data = path.read_bytes()
+    mib = 1 << 20
+    head, tail = data[:mib], data[max(0, len(data) - mib):][:mib]
+    assert (head == tail) == (padding == 0)
+    digest = hashlib.sha256(head + tail + f"{len(data)}:2:9".encode()).hexdigest()[:32]
+    assert fingerprint(open_db(path)) == f"sha256:{digest}:posts=2"
