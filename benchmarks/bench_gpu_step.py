@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hakubooru.clip_tokenizer import sdxl_tokenizers  # noqa: E402
 from trainers.lokr.config import load_config  # noqa: E402
 from trainers.lokr.latents import encode_latents  # noqa: E402
-from trainers.lokr.memory import PhaseMeter  # noqa: E402
+from trainers.lokr.memory import PhaseMeter, flash_attention_memory  # noqa: E402
 from trainers.lokr.models import sdxl_base_architecture, tiny_sdxl  # noqa: E402
 from trainers.lokr.network import create_lokr, lokr_param_groups  # noqa: E402
 from trainers.lokr.latent_cache import cached_latents  # noqa: E402
@@ -125,7 +125,8 @@ def step(sdxl, optimizer, scaler, cfg, batch: int, size: int, device: str, i: in
 def estimate(cfg, batch: int, size: int, checkpointing: bool = True) -> tuple[PhaseMeter, dict]:
     """The per-phase peaks on the real SDXL architecture (meta device): weights (fp16 UNet and
     text encoders, fp32 VAE), fp32 LoKr and Lion8bit state (1 byte a parameter, plus one fp32
-    scale per 256) held throughout, plus every activation and gradient alive."""
+    scale per 256) held throughout, plus every activation and gradient alive; attention counted
+    as a GPU's flash kernels hold it (`flash_attention_memory`)."""
     sdxl, network, groups = build(cfg, "meta", False, checkpointing)
     weights = sum(p.numel() * p.element_size() for m in (sdxl.unet, sdxl.vae, sdxl.text_encoder_1,
                                                           sdxl.text_encoder_2) for p in m.parameters())
@@ -133,7 +134,7 @@ def estimate(cfg, batch: int, size: int, checkpointing: bool = True) -> tuple[Ph
     held = {"base weights": weights, "LoKr (fp32)": 4 * lokr, "Lion8bit state": lokr + 4 * -(-lokr // 256)}
     meter = PhaseMeter("meta", held_bytes=sum(held.values()))
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    with meter.counter:
+    with meter.counter, flash_attention_memory():
         step(sdxl, groups, scaler, cfg, batch, size, "meta", 0, meter)
     return meter, held
 

@@ -5,13 +5,16 @@ optimizer step. `PhaseMeter` records the peak of each: on CUDA the allocator's p
 (``max_memory_allocated``, reset between phases); on the meta device a `LiveBytes` dispatch
 mode counts the bytes of every tensor an operation creates while it stays alive (activations
 kept for backward included) — the real architecture's shapes with no memory and no weights,
-so a CPU can say what a GPU will need.
+so a CPU can say what a GPU will need. On meta, `flash_attention_memory` makes attention hold
+what a GPU's flash / memory-efficient kernel holds (PyTorch's meta path is the math one, which
+materializes every query×key score matrix).
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 PHASES = ("VAE", "text encoders", "UNet forward", "backward", "optimizer step")
@@ -46,6 +49,40 @@ class LiveBytes(TorchDispatchMode):
                 self.storages.setdefault(storage._cdata, (storage, storage.nbytes()))
         self.peak = max(self.peak, self.live)
         return out
+
+
+class _FlashAttention(torch.autograd.Function):
+    """Attention's memory as flash kernels have it: forward keeps q, k, v, the output and a
+    float32 log-sum-exp per query for backward; backward makes dq, dk, dv. No score matrix."""
+
+    @staticmethod
+    def forward(ctx, query, key, value):
+        ctx.save_for_backward(query, key, value)
+        ctx.logsumexp = query.new_empty(query.shape[:-1], dtype=torch.float32)
+        return query.new_empty(*query.shape[:-1], value.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        query, key, value = ctx.saved_tensors
+        return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+
+
+@contextmanager
+def flash_attention_memory():
+    """Within: ``F.scaled_dot_product_attention`` on meta tensors holds flash-kernel memory
+    (`_FlashAttention`); other devices are untouched. Masks and causality change no shape."""
+    original = F.scaled_dot_product_attention
+
+    def attention(query, key, value, *args, **kwargs):
+        if query.device.type != "meta":
+            return original(query, key, value, *args, **kwargs)
+        return _FlashAttention.apply(query, key, value)
+
+    F.scaled_dot_product_attention = attention
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
 
 
 class PhaseMeter:
