@@ -535,3 +535,17 @@ def test_upper_case_member_extensions_reach_the_shards(demo, tmp_path):
         assert tar.extractfile(f"{a}.webp").read() == sources[a]
     assert names == [f"{a}.json", f"{a}.txt", f"{a}.webp", f"{b}.json", f"{b}.txt", f"{b}.webp"]
     assert pq.read_table(tmp_path / "out" / "index.parquet").column("ext").to_pylist() == ["webp", "webp"]
+
+
+def test_parts_sidecars_have_the_documented_names(demo):
+    """docs/shards.md: one sidecar per shard at .parts/shard-NNNNNN.json (the shard's name with
+    .json for .tar), recording that shard's name, size and checksum."""
+    out = demo["out"]
+    # 600 ids / 100 per shard = 6 shards, 6 sidecars
+    assert sorted(p.name for p in (out / ".parts").iterdir()) == [
+        f"shard-{k:06d}.json" for k in range(6)]
+    for k in range(6):
+        sidecar = json.loads((out / ".parts" / f"shard-{k:06d}.json").read_text())
+        tar = out / f"shard-{k:06d}.tar"
+        assert sidecar["name"] == tar.name and sidecar["size"] == tar.stat().st_size
+        assert sidecar["xxh3_128"] == xxhash.xxh3_128(tar.read_bytes()).hexdigest()

@@ -13,7 +13,7 @@ import yaml
 from PIL import Image
 
 from hakubooru.builder import build_shards
-from hakubooru.card import size_category
+from hakubooru.card import dataset_card, size_category
 from hakubooru.captioner import Captioner
 from hakubooru.db import open_db
 from hakubooru.hf import hf_features
@@ -119,3 +119,29 @@ def test_card_bytes_are_the_same_on_a_rebuild_and_a_resume(empty_first, tmp_path
 def test_size_categories_by_hand():
     assert [size_category(n) for n in (0, 999, 1000, 99_999, 100_000, 5_200_000)] == [
         "n<1K", "n<1K", "1K<n<10K", "10K<n<100K", "100K<n<1M", "1M<n<10M"]
+
+
+def test_size_categories_at_every_bound():
+    """The Hub's buckets are n<1K, 1K<n<10K, ..., 100M<n<1B: n = 10**k - 1 is in the bucket
+    below 10**k, n = 10**k in the one from it."""
+    names = ["n<1K", "1K<n<10K", "10K<n<100K", "100K<n<1M", "1M<n<10M", "10M<n<100M", "100M<n<1B"]
+    for k, (below, above) in enumerate(zip(names, names[1:]), start=3):
+        assert (size_category(10 ** k - 1), size_category(10 ** k)) == (below, above)
+
+
+def test_card_writes_non_ascii_captioner_settings_as_they_are():
+    """The card is a function of the manifest; a captioner setting outside ASCII (a Japanese
+    comma as separator) appears as typed, not as a JSON \\u escape."""
+    manifest = {
+        "fingerprint": "xxh3_128:00", "db_fingerprint": "db", "shard_count": 1, "shard_size": 10,
+        "selection": {"expression": {"all": True}, "seeds": [], "sha256": "ab"},
+        "counts": {"selected": 3, "written": 3, "skipped": 0, "skipped_by_reason": {}},
+        "captioner": {"captioner": "hakubooru.captioner.Captioner", "separator": "、",
+                      "quality": {"ignored": 1}},
+        "image_policy": {"image_format": None},
+    }
+    text = dataset_card(manifest, "webp").decode()
+    # json.dumps with sorted keys, the quality entry left out
+    assert '- captioner: `hakubooru.captioner.Captioner`, settings `{"captioner": ' \
+           '"hakubooru.captioner.Captioner", "separator": "、"}`\n' in text
+    assert "\\u3001" not in text

@@ -235,3 +235,29 @@ def test_bmp_passes_through():
     data = encode(noisy(20, 10), "BMP")
     stored = prepare(data, "bmp", PASS)
     assert (stored.data, stored.ext, stored.width, stored.height) == (data, "bmp", 20, 10)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.98])
+def test_truncated_webp_under_full_validation_is_truncated(keep):
+    """With validate=full a cut-short WebP is opened by Pillow, whose error does not say
+    'truncated'; its RIFF header declaring more bytes than present still makes it truncated."""
+    data = encode(noisy(96, 64), "WEBP")
+    assert struct.unpack_from("<I", data, 4)[0] + 8 == len(data)  # RIFF size: the whole file
+    assert reason(data[: int(len(data) * keep)], "webp", ImagePolicy(validate="full")) == "truncated"
+
+
+def png_with_broken_pixel_data() -> bytes:
+    """A 32x32 PNG whose IDAT holds a broken zlib stream under a correct CRC."""
+    data = encode(noisy(32, 32), "PNG")
+    length = struct.unpack_from(">I", data, 33)[0]  # 8 signature + 25 IHDR chunk: IDAT next
+    assert data[37:41] == b"IDAT"
+    broken = data[41:43] + b"\xff" * (length - 2)  # zlib header kept, deflate data garbage
+    return data[:33] + png_chunk(b"IDAT", broken) + data[33 + 12 + length:]
+
+
+def test_full_validation_decodes_png_pixels_that_chunk_crcs_miss():
+    """Standard validation of a PNG checks chunk CRCs (verify), which a broken zlib stream under
+    a correct CRC passes; validate=full decodes every pixel and calls it corrupt."""
+    data = png_with_broken_pixel_data()
+    assert prepare(data, "png", PASS).data == data  # the documented cheap check passes it
+    assert reason(data, "png", ImagePolicy(validate="full")) == "corrupt"

@@ -1,11 +1,15 @@
 """One shard tar (hakubooru.shardwriter): atomic appearance, fixed metadata, offsets, checksum."""
 from __future__ import annotations
 
+import errno
+import os
 import tarfile
 
+import pytest
 import xxhash
 
-from hakubooru.shardwriter import ShardWriter, temporary_path
+from hakubooru.errors import HakubooruError
+from hakubooru.shardwriter import ShardWriter, member_header, temporary_path
 
 
 def write_two(path):
@@ -81,3 +85,37 @@ def test_bytes_equal_tarfiles_own_writer(tmp_path):
                 info.uname = info.gname = "hakubooru"
                 tar.addfile(info, io.BytesIO(members[ext]))
     assert (tmp_path / "ours.tar").read_bytes() == (tmp_path / "ref.tar").read_bytes()
+
+
+def test_member_size_limit_is_the_ustar_size_field():
+    """A USTAR size field is 12 bytes: 11 octal digits and a NUL, so the largest member is
+    8**11 - 1 bytes (8 GiB - 1); one byte more does not fit a plain header."""
+    header = member_header("1.webp", 8 ** 11 - 1)
+    assert len(header) == tarfile.BLOCKSIZE
+    assert header[124:136] == b"77777777777\0"
+    assert tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape").size == 8 ** 11 - 1
+    with pytest.raises(ValueError, match="does not fit a plain USTAR header"):
+        member_header("1.webp", 8 ** 11)
+
+
+def test_full_disk_at_the_final_flush_names_the_file_and_no_negative_need(tmp_path, monkeypatch):
+    """A disk that reports no space only when the shard is flushed to it (fsync: NFS, delayed
+    allocation) is one HakubooruError naming the temporary file; nothing more is being written
+    then, so the message says 0.0 MiB more needed (not a negative amount)."""
+    path = tmp_path / "s.tar"
+    writer, _ = write_two(path)
+    writer.finish()
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", no_space)  # the full disk is injected at the OS call
+    with pytest.raises(HakubooruError) as e:
+        writer.sync()
+    monkeypatch.undo()
+    message = str(e.value)
+    assert message.startswith(f"no space left on the device writing {temporary_path(path)}: ")
+    assert message.endswith(" MiB free, at least 0.0 MiB more needed; free some space or "
+                            "write to another disk")
+    writer.abort()
+    assert list(tmp_path.iterdir()) == []  # the unfinished shard is dropped

@@ -191,3 +191,29 @@ def test_damaged_index_cache_is_rebuilt(tmp_path, damage):
     entry.write_bytes(bytes(data))
     index = index_tar(tar, cache)
     assert index.ids.tolist() == [1, 1001] and index.sizes.tolist() == [3, 4]
+
+
+def test_archives_without_image_members_locate_nothing(tmp_path):
+    """Containers that hold no <id>.<ext> member (or none in the ids' buckets) are not an
+    error: every id is reported not found."""
+    root = tmp_path / "noimages"
+    make_tar(root / "images/data-0001.tar", [("readme.txt", b"hi"), ("sub", None)])
+    source = ImageSource.open(root, cache_dir=tmp_path / "c")
+    located = source.locate(np.array([1, 1001]))  # bucket 1: data-0001.tar is indexed
+    assert located.found.tolist() == [False, False]
+    assert located.member(0) is None and located.member(1) is None
+    assert source.indexed_tars == 1 and source.ignored_members == 2  # readme.txt and sub/
+    # ids in bucket 7 only: no tar is indexed at all, and no loose file exists
+    assert read(ImageSource.open(root, cache_dir=tmp_path / "c"), [7, 2007]) == {7: None, 2007: None}
+
+
+def test_repr_names_the_containers_not_the_loose_file_scan(tmp_path):
+    """repr(ImageSource) (REPL, logs) shows the root and the tars; the scanned loose files,
+    which can be millions in a plain folder, are left out."""
+    root = tmp_path / "folder"
+    make_tar(root / "extra.tar", [("3.webp", b"three")])
+    for i in (12, 13):
+        (root / f"{i}.png").write_bytes(b"loose")
+    text = repr(ImageSource.open(root, cache_dir=tmp_path / "c"))
+    assert "extra.tar" in text and repr(root) in text
+    assert "12.png" not in text and "13.png" not in text
