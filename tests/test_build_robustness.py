@@ -2,6 +2,7 @@
 rerun, a second build of the same shards stops with one line, a full disk names the file."""
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -183,3 +184,28 @@ def test_full_disk_injected_at_the_shard_write(demo, tmp_path, monkeypatch):
     monkeypatch.undo()
     assert build(demo, out).complete  # with space again, the rerun builds the folder
     assert folder_bytes(out) == folder_bytes(demo["out"])
+
+
+def test_full_disk_message_gives_mib_free_and_needed(tmp_path):
+    """reporting_full_disk turns ENOSPC / EDQUOT into one line with the free space of the file's
+    disk and the size of the write in MiB (2**20 bytes); other OSErrors pass through."""
+    import errno
+    import re
+
+    from hakubooru.errors import reporting_full_disk
+
+    target = tmp_path / "shard-000000.tar"
+    for code in (errno.ENOSPC, errno.EDQUOT):
+        with pytest.raises(HakubooruError) as e:
+            with reporting_full_disk(target, needed=7 * 2**19):  # 3.5 MiB
+                raise OSError(code, os.strerror(code))
+        free_mib = shutil.disk_usage(tmp_path).free / 2**20
+        message = str(e.value)
+        match = re.fullmatch(rf"no space left on the device writing {re.escape(str(target))}: "
+                             r"([0-9.]+) MiB free, at least 3\.5 MiB more needed; free some space "
+                             r"or write to another disk", message)
+        assert match, message
+        assert abs(float(match.group(1)) - free_mib) < 512  # the disk may change a little meanwhile
+    with pytest.raises(PermissionError):
+        with reporting_full_disk(target, needed=1):
+            raise PermissionError(errno.EACCES, "Permission denied")

@@ -93,3 +93,34 @@ def test_python_api_takes_caption_options(styled, tmp_path):
     with pytest.raises(HakubooruError, match="either a captioner or caption_options"):
         build_shards(styled["db"], styled["images"], styled["tmp"] / "sel.parquet", out,
                      captioner=object(), caption_options={"separator": ","})
+
+
+def test_caption_options_from_the_command_line(tmp_path):
+    """The options' defaults are the documented ones (docs/shards.md "Caption style": ", ",
+    the six groups, spaces, quality tags up to id 7,500,000, thresholds computed); "none"
+    (any case, spaces around) lifts the id limit; --quality-table is read as JSON; a bad
+    limit or an unreadable or non-JSON table is one HakubooruError line."""
+    import argparse
+
+    from hakubooru.commands.caption_style import add_caption_arguments, caption_options
+
+    parser = argparse.ArgumentParser()
+    add_caption_arguments(parser)
+    assert caption_options(parser.parse_args([])) == {
+        "quality": None, "separator": ", ", "group_separator": None, "escape_parentheses": False,
+        "groups": ["keep", "general", "quality", "year", "meta", "rating_tags"],
+        "keep_separator": None, "underscores": "spaces", "no_quality_above_id": 7_500_000}
+    for text, limit in (("none", None), (" None ", None), ("12", 12)):
+        assert caption_options(parser.parse_args(["--no-quality-above-id", text]))[
+            "no_quality_above_id"] == limit
+    with pytest.raises(HakubooruError, match=r"^--no-quality-above-id must be an integer or "
+                                             r"'none', got 'x'$"):
+        caption_options(parser.parse_args(["--no-quality-above-id", "x"]))
+    table = {"general": {"50": 1, "75": 2, "90": 3}}
+    (tmp_path / "q.json").write_text(json.dumps(table))
+    assert caption_options(parser.parse_args(["--quality-table", str(tmp_path / "q.json")]))[
+        "quality"] == table
+    (tmp_path / "bad.json").write_text("{not json")
+    for path in (tmp_path / "bad.json", tmp_path / "missing.json"):
+        with pytest.raises(HakubooruError, match=f"^cannot read quality table {path}: "):
+            caption_options(parser.parse_args(["--quality-table", str(path)]))

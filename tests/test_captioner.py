@@ -218,3 +218,21 @@ def test_custom_captioner_example(db):
            "masterpiece, year 2010, highres, safe",
         3: "hatsune miku, by some artist, worst quality, year 2016, highres, nsfw, explicit",
     }
+
+
+def test_caption_command_writes_records_as_compact_utf8_json(tmp_path):
+    """The `caption` command's record column is compact JSON (separators "," and ":") with
+    non-ASCII tag names written as they are (é, not \\u00e9)."""
+    from hakubooru import Selector
+    from hakubooru.cli import main
+
+    db_path = write_db(tmp_path / "db.sqlite", [post(1)],
+                       [(1, "1girl", 0, 100), (2, "pokémon", 3, 50)], [(1, 1), (1, 2)])
+    Selector.ids([1]).save(tmp_path / "sel.parquet", open_db(db_path))
+    out = tmp_path / "captions.parquet"
+    assert main(["caption", "--db", str(db_path), "--selection", str(tmp_path / "sel.parquet"),
+                 "--out", str(out)]) == 0
+    (raw,) = pq.read_table(out).column("record").to_pylist()
+    assert '"pokémon"' in raw and "\\u" not in raw
+    assert raw == json.dumps(json.loads(raw), ensure_ascii=False, separators=(",", ":"))
+    assert "pokémon" in pq.read_table(out).column("caption").to_pylist()[0]

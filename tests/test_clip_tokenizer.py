@@ -39,3 +39,28 @@ def test_unknown_encoder_refused():
     import pytest
     with pytest.raises(ValueError):
         sdxl_tokenizer(3)
+
+
+def test_written_special_tokens_and_config_files(tmp_path):
+    """tokenizer_2/'s special tokens (pad "!", the rest <|startoftext|> / <|endoftext|>) and the
+    CLIPTokenizer config, written as 2-space-indented JSON like transformers' save_pretrained."""
+    folder = write_tokenizer_folder(tmp_path / "tokenizer_2", 2)
+    assert (folder / "special_tokens_map.json").read_text() == (
+        '{\n'
+        '  "bos_token": "<|startoftext|>",\n'
+        '  "eos_token": "<|endoftext|>",\n'
+        '  "unk_token": "<|endoftext|>",\n'
+        '  "pad_token": "!"\n'
+        '}\n')
+    assert (folder / "tokenizer_config.json").read_text() == (
+        '{\n'
+        '  "tokenizer_class": "CLIPTokenizer",\n'
+        '  "do_lower_case": true,\n'
+        '  "errors": "replace",\n'
+        '  "model_max_length": 77,\n'
+        '  "add_prefix_space": false,\n'
+        '  "bos_token": "<|startoftext|>",\n'
+        '  "eos_token": "<|endoftext|>",\n'
+        '  "unk_token": "<|endoftext|>",\n'
+        '  "pad_token": "!"\n'
+        '}\n')

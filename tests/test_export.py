@@ -186,3 +186,70 @@ def test_other_targets_and_a_shard_file_are_refused(shards, tmp_path):
     assert (done.returncode, done.stderr.strip()) == (
         2, f"error: {shard} is one shard; pass the folder that holds the shards and "
            f"index.parquet ({shards})")
+
+
+def test_empty_caption_gets_no_file_and_is_counted(tmp_path, capsys):
+    """Three samples, the middle one with every caption group empty (an empty .txt): two caption
+    files, none for it (sd-scripts refuses empty caption files), and the counts say so — also on
+    a rerun, which keeps every file ("captions" counts the files present after the run)."""
+    from hakubooru.export import export_kohya
+    from tests.shardfactory import write_shard_folder
+
+    def record(post_id, keep):
+        return {"id": post_id, "width": 8, "height": 8, "keep": keep, "general": [], "quality": [],
+                "year": [], "meta": [], "rating_tags": []}
+
+    samples = [(record(1, ["1girl"]), b"png one"), (record(2, []), b"png two"),
+               (record(3, ["1boy"]), b"png three")]
+    shards = write_shard_folder(tmp_path / "shards", samples)  # not images: export copies bytes
+    folder = tmp_path / "train" / "1_hakubooru"
+    for copied, kept in ((3, 0), (0, 3)):
+        result = export_kohya(shards, tmp_path / "train", progress=False)
+        assert (result.images, result.copied, result.kept, result.captions, result.no_caption) == (
+            3, copied, kept, 2, 1)
+        assert capsys.readouterr().err == (f"{folder}: 3 images ({copied} copied, {kept} already "
+                                           "there), 2 captions, 1 without caption\n")
+        assert sorted(p.name for p in folder.iterdir()) == ["1.png", "1.txt", "2.png", "3.png", "3.txt"]
+        assert (folder / "1.txt").read_text() == "1girl" and (folder / "3.txt").read_text() == "1boy"
+
+
+def test_export_refuses_what_is_not_a_readable_shard_folder(tmp_path):
+    """shard_folder / read_index: a missing folder, a file, a folder without index.parquet (with
+    the commands that make one) and an unreadable index are each one HakubooruError line."""
+    from hakubooru.errors import HakubooruError
+    from hakubooru.export import export_kohya
+
+    dest = tmp_path / "train"
+    (tmp_path / "notes.txt").write_text("not shards")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "index.parquet").write_bytes(b"not parquet")
+    for shards, message in [
+        (tmp_path / "nope", f"shard folder {tmp_path / 'nope'} does not exist"),
+        (tmp_path / "notes.txt", f"{tmp_path / 'notes.txt'} is a file; pass a shard folder"),
+        (empty, f"{empty} has no index.parquet: build it with `python -m hakubooru build`, or index "
+                f"a webdataset folder with `python -m hakubooru index {empty}`"),
+    ]:
+        with pytest.raises(HakubooruError) as e:
+            export_kohya(shards, dest, progress=False)
+        assert str(e.value) == message
+    with pytest.raises(HakubooruError) as e:
+        export_kohya(broken, dest, progress=False)
+    assert str(e.value).startswith(f"cannot read {broken / 'index.parquet'}: ") and "\n" not in str(e.value)
+    assert not dest.exists()
+
+
+def test_export_refuses_to_run_without_to(tmp_path, capsys):
+    """--to FORMAT DIR is required (argparse's exit 2 naming it); with it, a missing folder is
+    the one-line error of the export itself."""
+    from hakubooru.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["export", str(tmp_path / "shards")])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "python -m hakubooru export: error: the following arguments are required: --to")
+    assert main(["export", str(tmp_path / "shards"), "--to", "kohya", str(tmp_path / "d")]) == 2
+    assert capsys.readouterr().err == f"error: shard folder {tmp_path / 'shards'} does not exist\n"

@@ -237,3 +237,84 @@ def test_screenshot_script(tmp_path):
     from PIL import Image
     with Image.open(out) as im:
         assert im.size == (400, 300) and im.convert("RGB").getpixel((390, 290)) == (204, 0, 0)
+
+
+def test_three_samples_by_hand(tmp_path):
+    # 40×128, 64×64, 128×40: widths (and heights) min / median / max 40 / 64 / 128; ratings
+    # general, general, explicit: shares 2/3 = 66.7 % and 1/3 = 33.3 %. write_shard_folder's
+    # manifest has a format and a fingerprint but no database fingerprint (shown "—").
+    sizes = [(40, 128), (64, 64), (128, 40)]
+    samples = []
+    for i, ((w, h), rating) in enumerate(zip(sizes, ["general", "general", "explicit"]), start=1):
+        rec = {**_record(i, ["cat"]), "width": w, "height": h, "rating": rating}
+        samples.append((rec, b"x"))
+    folder = write_shard_folder(tmp_path / "out", samples)
+    from hakubooru.cli import main  # in this process: quicker than run_report
+    assert main(["report", str(folder), "--html", str(tmp_path / "r.html"), "--json",
+                 str(tmp_path / "r.json"), "--quiet"]) == 0
+    page = Tables((tmp_path / "r.html").read_text())
+    assert page.tables["rating"] == [["general", "2", "66.7 %"], ["explicit", "1", "33.3 %"]]
+    sizes_table = dict(page.tables["image-sizes"])
+    assert sizes_table["width (min / median / max)"] == "40 / 64 / 128"
+    assert sizes_table["height (min / median / max)"] == "40 / 64 / 128"
+    provenance = dict(page.tables["provenance"])
+    assert provenance["format"] == "hakubooru-shards/1"
+    assert provenance["db_fingerprint"] == "—" and provenance["shard_size"] == "—"
+    text = (tmp_path / "r.json").read_text()  # sorted keys, one-space indent, a final newline
+    assert text == json.dumps(json.loads(text), indent=1, sort_keys=True) + "\n"
+    images = json.loads(text)["images"]
+    assert images["width"] == images["height"] == {"0": 40.0, "50": 64.0, "100": 128.0}
+    assert (images["landscape"], images["portrait"], images["square"]) == (1, 1, 1)
+
+
+def test_record_without_a_rating_is_one_error_line(tmp_path, capsys):
+    # the report reads "rating" from each .json record; one without it is named, not a traceback
+    from hakubooru.cli import main
+
+    rec = _record(2, ["cat"])
+    del rec["rating"]
+    folder = write_shard_folder(tmp_path / "out", [(_record(1, ["cat"]), b"x"), (rec, b"y")])
+    assert main(["report", str(folder), "--html", str(tmp_path / "r.html"), "--quiet"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: post 2 in {folder / 'shard-000000.tar'}: its .json record lacks the caption groups "
+        "(keep, general, quality, year, meta, rating_tags)"]
+
+
+def _png_size(tag: str) -> tuple[int, int]:
+    """(width, height) in pixels of the PNG embedded in an <img> tag."""
+    import base64
+    import io
+
+    from PIL import Image
+    uri = tag.split("src='", 1)[1].split("'", 1)[0]
+    with Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))) as im:
+        return im.size
+
+
+def test_chart_sizes_and_table_cells_by_hand():
+    # charts are saved at 100 dpi with their figure size in inches: the default figure 6 × 3.2 in
+    # (600 × 320 px), a vertical bar chart 5.6 × 2.8, a horizontal one 5.6 × max(2.4, 0.2 per
+    # label + 0.8) (3 labels: 2.4, 10 labels: 2.8), a histogram 5.4 × 3.0
+    from hakubooru import htmlpage as h
+
+    fig, _ = h.figure()
+    assert _png_size(h.img(h.png_data_uri(fig), "empty")) == (600, 320)
+    assert _png_size(h.bar_chart(["a", "b", "c"], [1, 2, 3], "t")) == (560, 280)
+    assert _png_size(h.bar_chart(["a", "b", "c"], [1, 2, 3], "t", horizontal=True)) == (560, 240)
+    assert _png_size(h.bar_chart(list("abcdefghij"), range(10), "t", horizontal=True)) == (560, 280)
+    assert _png_size(h.histogram([1, 2, 2, 3], [1, 2, 3, 4], "t", "x")) == (540, 300)
+    # numbers (None too, as "—") are right-aligned; True is text, not the number 1
+    assert h.table(["v"], [[3], [None], [True], [0.125]]) == (
+        "<table><thead><tr><th>v</th></tr></thead><tbody><tr><td class='n'>3</td></tr>"
+        "<tr><td class='n'>—</td></tr><tr><td>True</td></tr><tr><td class='n'>0.125</td></tr>"
+        "</tbody></table>")
+
+
+def test_page_goes_into_the_shard_folder_by_default(tmp_path, capsys):
+    # docs/report.md: --html defaults to SHARDS/report.html; the end line names it
+    from hakubooru.cli import main
+
+    folder = write_shard_folder(tmp_path / "out", [(_record(1, ["cat"]), b"x")])
+    assert main(["report", str(folder), "--quiet"]) == 0
+    assert (folder / "report.html").read_text().startswith("<!DOCTYPE html>")
+    assert capsys.readouterr().err.startswith(f"wrote {folder / 'report.html'}: 1 samples in 1 shards")

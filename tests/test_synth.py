@@ -331,3 +331,184 @@ def test_command_line_writes_the_folder_and_reports_errors_in_one_line(tmp_path)
                          cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == ["error: number of posts must be a positive integer, got 0"]
+
+
+def test_command_line_defaults_and_required_options(capsys):
+    """docs/synth.md: --seed defaults to 0, --image-side to 128, pictures are written unless
+    --no-images, layout webp4m; --posts and --out are required (argparse's exit 2)."""
+    from hakubooru.cli import make_parser
+
+    parser, _ = make_parser()
+    args = parser.parse_args(["synth", "--posts", "5", "--out", "o"])
+    assert (args.posts, args.out, args.seed, args.image_side, args.no_images, args.images_limit,
+            args.layout, args.force) == (5, Path("o"), 0, 128, False, None, "webp4m", False)
+    for argv, missing in ((["--out", "o"], "--posts"), (["--posts", "5"], "--out")):
+        with pytest.raises(SystemExit) as e:
+            parser.parse_args(["synth", *argv])
+        assert e.value.code == 2
+        assert capsys.readouterr().err.splitlines()[-1].endswith(
+            f"error: the following arguments are required: {missing}")
+
+
+def test_bad_arguments_seed_post_count_and_image_side(tmp_path, synth_db):
+    """One-line errors: a negative seed; more posts than ids 1..7,899,999 (docs/synth.md);
+    an image side below 8 px. 8 px itself is fine, and missing parent folders are created."""
+    with pytest.raises(HakubooruError, match=r"^seed must be a non-negative integer, got -1$"):
+        make_database(tmp_path / "x.db", 5, seed=-1, progress=False)
+    with pytest.raises(HakubooruError) as e:
+        make_database(tmp_path / "x.db", 7_900_001, progress=False)
+    assert str(e.value) == "at most 7,899,999 posts fit the id range 1..7,900,000, got 7,900,001"
+    assert not (tmp_path / "x.db").exists()
+    with pytest.raises(HakubooruError, match=r"^image side must be at least 8 pixels, got 7$"):
+        make_archives(synth_db, tmp_path / "img", max_side=7, progress=False)
+    deep = tmp_path / "a" / "b" / "images"
+    counts = make_archives(synth_db, deep, seed=0, max_side=8, limit=2, progress=False)
+    members = tar_members(deep)
+    assert counts["images"] == len(members) == 2
+    assert all(max(Image.open(io.BytesIO(data)).size) == 8 for _, _, data in members.values())
+
+
+def _n_tags() -> int:
+    """docs/synth.md: the tag table is the bundled subset's rows plus banned_artist."""
+    with open(SUBSET_PATH, newline="") as f:
+        return sum(1 for _ in csv.DictReader(f)) + 1
+
+
+def test_database_summary_line_counts_and_mib(tmp_path, capsys):
+    """With progress, make_database prints what it wrote: posts, tag relations, tags (the
+    subset + banned_artist) and the file size in MiB (2**20 bytes)."""
+    path = make_database(tmp_path / "s.db", 3, seed=0, progress=True)
+    n_rel = rows(path, "SELECT count(*) FROM posttagrelation")[0][0]
+    out = capsys.readouterr().out
+    assert out.startswith(f"synth: 3 posts, {n_rel:,} tag relations, {_n_tags():,} tags -> {path} "
+                          f"({path.stat().st_size / 2**20:,.1f} MiB) in ")
+
+
+def test_tag_ids_are_a_permutation_of_one_to_t(synth_db):
+    # docs/synth.md: tag ids are a seeded permutation of 1…T, not in popularity order
+    ids = [r[0] for r in rows(synth_db, "SELECT id FROM tag ORDER BY popularity DESC, name")]
+    assert sorted(ids) == list(range(1, _n_tags() + 1))
+    assert ids != sorted(ids)
+
+
+def test_people_count_groups_in_their_documented_shares(synth_db):
+    # docs/synth.md: "1girl, solo" 45 % of posts (solo only comes with a people group, and
+    # 1girl + solo only as that group), no_humans 4 %; 1,500 posts: a binomial sd of about 1.3
+    # and 0.5 points, so ±5 and ±2.5 points are wide margins
+    tagged = rows(synth_db, "SELECT r.post_id, group_concat(t.name) FROM posttagrelation r "
+                            "JOIN tag t ON t.id = r.tag_id WHERE t.name IN ('1girl', 'solo', "
+                            "'no_humans') GROUP BY r.post_id")
+    names = [set(n.split(",")) for _, n in tagged]
+    assert abs(sum(n >= {"1girl", "solo"} for n in names) / 1500 - 0.45) < 0.05
+    assert abs(sum("no_humans" in n for n in names) / 1500 - 0.04) < 0.025
+
+
+def test_python_api_defaults_are_the_documented_ones():
+    # docs/synth.md: make_demo("demo", n_posts=2000, seed=0, max_side=128); the CLI's defaults
+    # (seed 0, side 128, pictures, webp4m, no --force) are make_folder's
+    import inspect
+
+    def defaults(f):
+        return {k: p.default for k, p in inspect.signature(f).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+
+    assert defaults(make_demo) == {"n_posts": 2000, "seed": 0, "max_side": 128, "progress": True}
+    assert defaults(make_folder) == {"seed": 0, "max_side": 128, "images": True, "images_limit": None,
+                                     "layout": "webp4m", "force": False, "progress": True}
+
+
+def test_created_at_is_the_id_interpolated_between_the_time_knots(synth_db):
+    # docs/synth.md: created_at follows the id, interpolated between knots (posts.TIME_KNOTS,
+    # UTC); the draw is id + U[0, 1), so each post's UTC time lies between the times of id and
+    # id + 1 — whatever UTC offset (also +05:30) it is written in
+    import numpy as np
+
+    from hakubooru.synth.posts import TIME_KNOTS
+    knot_ids = [k for k, _ in TIME_KNOTS]
+    knot_ms = [datetime.fromisoformat(t).replace(tzinfo=timezone.utc).timestamp() * 1000
+               for _, t in TIME_KNOTS]
+    data = rows(synth_db, "SELECT id, created_at FROM post")
+    assert any(c.endswith("+05:30") for _, c in data)
+    for post_id, created in data:
+        utc_ms = datetime.fromisoformat(created).timestamp() * 1000
+        lo, hi = np.interp([post_id, post_id + 1], knot_ids, knot_ms)
+        assert lo - 1 <= utc_ms <= hi + 1, (post_id, created)
+
+
+def test_file_sizes_are_bytes_of_a_picture_of_that_size(synth_db):
+    # file_size is a compressed file of image_width × image_height pixels: a fraction of a
+    # byte to a few bytes per pixel (jpg/webp well under 1, png and video above)
+    sizes = rows(synth_db, "SELECT file_size * 1.0 / (image_width * image_height) FROM post")
+    per_pixel = sorted(r[0] for r in sizes)
+    assert 0.2 < per_pixel[len(per_pixel) // 2] < 1.5
+    assert 0.02 < per_pixel[0] and per_pixel[-1] < 10
+
+
+def test_archive_counts_and_the_left_out_rule(synth_demo):
+    # docs/synth.md: no picture for non-image posts, for Gold-only ones (no md5), and for the
+    # others whose uniform(hash64(seed, 7), id) is below 3 % ("not in the archives")
+    from hakubooru.rng import hash64, uniform
+    db_path, images_dir = synth_demo
+    posts = rows(db_path, "SELECT id, file_ext, md5 IS NULL FROM post")
+    image_ext = {"jpg", "png", "webp"}
+    counts = json.loads((images_dir.parent / "synth.json").read_text())["counts"]
+    assert counts["non_image"] == sum(e not in image_ext for _, e, _ in posts)
+    assert counts["gold"] == sum(e in image_ext and gold for _, e, gold in posts)
+    candidates = [i for i, e, gold in posts if e in image_ext and not gold]
+    left_out = {i for i in candidates if uniform(hash64(0, 7), i) < 0.03}
+    assert set(tar_members(images_dir)) == set(candidates) - left_out
+    assert counts["left_out"] == len(left_out) and counts["over_limit"] == 0
+
+
+def test_picture_shape_in_the_exact_hair_colour_on_a_gradient():
+    # docs/synth.md: 1girl is a circle in the middle filled with the *_hair colour (blonde
+    # (240, 210, 80)); the background is a gradient: along the diagonal from the top-left to
+    # the bottom-right corner every channel changes one way only
+    from hakubooru.synth.images import render
+    img = render(7, 640, 480, {"1girl", "solo", "blonde_hair"}, seed=0, max_side=64)
+    assert img.size == (64, 48) and img.getpixel((32, 24)) == (240, 210, 80)
+    for post_id in range(1, 6):
+        plain = render(post_id, 100, 100, set(), seed=0, max_side=40)
+        diagonal = [plain.getpixel((i, i)) for i in range(40)]
+        for channel in range(3):
+            values = [p[channel] for p in diagonal]
+            assert values == sorted(values) or values == sorted(values, reverse=True), post_id
+
+
+def test_subset_keeps_the_top_tags_of_each_category(tmp_path, capsys):
+    # docs/synth.md: the subset is the top 3,000 general, 1,500 artist, 600 copyright, 1,500
+    # character and all meta tags (Danbooru categories 0, 1, 3, 4, 5) by post count, plus tags
+    # the captioning rules need (here 1girl, general but below the cut); rows of other
+    # categories and short rows are dropped
+    from hakubooru.synth.subset import main as subset_main
+    full = tmp_path / "danbooru_tags.csv"
+    sizes = {0: 3002, 1: 1502, 3: 601, 4: 1502, 5: 3}
+    lines = [f"c{cat}_{i:04d},{cat},{10_000 - i},alias" for cat, n in sizes.items() for i in range(n)]
+    lines += ["1girl,0,1,", "deprecated_thing,2,99999,", "short_row,0"]
+    full.write_text("\n".join(reversed(lines)) + "\n")
+    out = tmp_path / "subset.csv"
+    subset_main([str(full), "--out", str(out)])
+    assert capsys.readouterr().out == f"wrote 6604 tags to {out}\n"  # 3000+1 + 1500 + 600 + 1500 + 3
+    with open(out, newline="") as f:
+        got = [(r["name"], int(r["category"]), int(r["post_count"])) for r in csv.DictReader(f)]
+    want = []
+    for cat, top in ((0, 3000), (1, 1500), (3, 600), (4, 1500), (5, 3)):
+        want += [(f"c{cat}_{i:04d}", cat, 10_000 - i) for i in range(top)]  # most used first
+        if cat == 0:
+            want.append(("1girl", 0, 1))
+    assert got == want
+    with pytest.raises(SystemExit):
+        subset_main(["--help"])
+    assert "Rebuild ``danbooru_tags_subset.csv`` (the tags the generator draws from) from the " \
+           "full list." in " ".join(capsys.readouterr().out.split())
+
+
+def test_complete_folder_is_left_alone_and_says_so(tmp_path, capsys):
+    # docs/synth.md: a folder complete for the same arguments is left alone ("already complete")
+    out = tmp_path / "s"
+    make_folder(out, 5, images=False, progress=False)
+    capsys.readouterr()
+    make_folder(out, 5, images=False, progress=False)
+    assert capsys.readouterr().out == ""
+    make_folder(out, 5, images=False, progress=True)
+    assert capsys.readouterr().out == f"synth: {out} is already complete for these arguments; nothing to do\n"

@@ -199,3 +199,51 @@ def test_refusals(img2dataset_like, tmp_path, synth_demo):
     (other / "x.tar").write_bytes(b"")
     with pytest.raises(HakubooruError, match="was not written by `python -m hakubooru index`"):
         index_webdataset(other)
+
+
+def _vp8x_header(width: int, height: int) -> bytes:
+    """The first 30 bytes of an extended WebP (RIFF container spec): "RIFF", the RIFF size,
+    "WEBP", then the VP8X chunk (size 10: flags, 3 reserved bytes, canvas width - 1 and
+    height - 1 as 24-bit little-endian numbers)."""
+    chunk = b"VP8X" + (10).to_bytes(4, "little") + bytes(4) + \
+        (width - 1).to_bytes(3, "little") + (height - 1).to_bytes(3, "little")
+    return b"RIFF" + (4 + len(chunk)).to_bytes(4, "little") + b"WEBP" + chunk
+
+
+def test_webp_size_from_its_header_and_absent_members_as_minus_one(tmp_path):
+    """A WebP's size is read from its first chunk header, not by decoding it (the docstring of
+    wdsindex._image_size): a bare 30-byte VP8X header declaring 300×200 is indexed as 300×200.
+    An absent .txt or .json member has offset and size -1 (docs/architecture.md)."""
+    root = tmp_path / "webp"
+    root.mkdir()
+    with wds.TarWriter(str(root / "00000.tar")) as sink:
+        sink.write({"__key__": "1", "webp": _vp8x_header(300, 200), "json": b"{}"})
+        sink.write({"__key__": "2", "webp": _vp8x_header(17, 4000), "txt": b"sky"})
+    manifest = index_webdataset(root, progress=False)
+    assert manifest["counts"] == {"written": 2, "skipped": 0, "skipped_by_reason": {},
+                                  "with_txt": 1, "with_json": 1}
+    index = pq.read_table(root / "index.parquet").to_pydict()
+    assert index["id"] == [1, 2] and index["ext"] == ["webp", "webp"]
+    assert (index["width"], index["height"]) == ([300, 17], [200, 4000])
+    assert index["image_size"] == [30, 30]
+    assert (index["txt_offset"][0], index["txt_size"][0]) == (-1, -1)
+    assert (index["json_offset"][1], index["json_size"][1]) == (-1, -1)
+    assert index["txt_size"][1] == 3 and index["json_size"][0] == 2
+
+
+def test_index_command_shows_progress_unless_quiet(tmp_path, capsys):
+    """`index` draws the "indexing shards" progress bar on stderr; --quiet leaves only the
+    summary line. Exit status 0."""
+    from hakubooru.cli import main
+
+    root = tmp_path / "wds"
+    root.mkdir()
+    with wds.TarWriter(str(root / "00000.tar")) as sink:
+        sink.write({"__key__": "1", "webp": _vp8x_header(8, 8), "txt": b"sky"})
+    assert main(["index", str(root)]) == 0
+    err = capsys.readouterr().err
+    assert "indexing shards" in err and f"{root}: indexed 1 shards; 1 samples" in err
+    assert main(["index", str(root), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "indexing shards" not in err and err.startswith(f"{root}: indexed 1 shards; 1 samples")
+    assert err.count("\n") == 1
