@@ -84,7 +84,7 @@ MODULES = {
     "trainers/lokr/models.py": ("tests/test_models.py", None),
     "trainers/lokr/loading.py": ("tests/test_models.py tests/test_real_topology.py -k 'round_trip or missing or folder or load'", None),
     "trainers/lokr/ldm.py": ("tests/test_models.py tests/test_lokr_file.py -k 'single_file or merge_cli'", None),
-    "trainers/lokr/fake_sdxl.py": ("tests/test_real_topology.py -k 'published or layout or same_weights'", None),
+    "trainers/lokr/fake_sdxl.py": ("tests/test_fake_sdxl.py tests/test_real_topology.py -k 'not train_from'", None),
     "trainers/lokr/network.py": ("tests/test_network.py tests/test_bypass.py", None),
     "trainers/lokr/naming.py": ("tests/test_lokr_file.py -k 'epsilon or diffusers_names or single_file or both_namings'", None),
     "trainers/lokr/convert.py": ("tests/test_lokr_file.py -k 'convert or generic or fresh_process'", None),

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from hakubooru.errors import HakubooruError
-from trainers.lokr.augment import augment_caption
+from trainers.lokr.augment import augment_caption, augment_text
 
 RECORD = {
     "id": 4242,
@@ -87,3 +87,35 @@ def test_bad_input_is_a_clear_error():
         augment_caption({k: v for k, v in RECORD.items() if k != "general"}, seed=0, epoch=0)
     with pytest.raises(HakubooruError, match="dropout"):
         augment_caption(RECORD, seed=0, epoch=0, drop=1.5)
+
+
+def test_dropout_of_one_is_refused_zero_accepted():
+    """The dropout range is [0, 1): 1.0 would drop every tag but the keep group, an error."""
+    for call in (lambda d: augment_caption(RECORD, seed=0, epoch=0, drop=d),
+                 lambda d: augment_text("a, b", seed=0, epoch=0, sample_id=1, drop=d)):
+        with pytest.raises(HakubooruError, match=r"tag dropout must be in \[0, 1\), got 1.0"):
+            call(1.0)
+        with pytest.raises(HakubooruError, match=r"must be in \[0, 1\), got -0.01"):
+            call(-0.01)
+    assert augment_text("a, b", seed=0, epoch=0, sample_id=1, shuffle=False, drop=0.0) == "a, b"
+
+
+def test_caption_text_default_drops_about_fifteen_percent():
+    """augment_text's default dropout is the recipe's 15% (recipe §2), and no tag is kept in front."""
+    text = ", ".join(REST)
+    dropped = 0
+    for e in range(DRAWS):
+        tags = augment_text(text, seed=7, epoch=e, sample_id=4242).split(", ")
+        assert len(set(tags)) == len(tags) and set(tags) <= set(REST)
+        dropped += len(REST) - len(tags)
+    # 500 x 19 = 9,500 Bernoulli(0.15) trials: mean 1,425, sigma 34.8 (as above); 4 sigma.
+    trials = DRAWS * len(REST)
+    assert abs(dropped - 0.15 * trials) < 4 * math.sqrt(trials * 0.15 * 0.85)
+
+
+def test_negative_keep_tokens_keep_nothing_in_front():
+    """A keep count below 0 means none kept in front (like 0): every tag once, in order."""
+    assert augment_text("a, b, c", seed=0, epoch=0, sample_id=1, shuffle=False, drop=0.0,
+                        keep_tokens=-1) == "a, b, c"
+    assert augment_text("a, b, c", seed=0, epoch=0, sample_id=1, shuffle=False, drop=0.0,
+                        keep_tokens=-5) == "a, b, c"

@@ -1,10 +1,18 @@
 """Trainer config: the epsilon recipe, layering, overrides, validation and resume compatibility."""
 from __future__ import annotations
 
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from hakubooru.errors import HakubooruError
 from trainers.lokr.__main__ import main
+from trainers.lokr import config
 from trainers.lokr.config import check_resume_config, config_fingerprint, load_config
 
 
@@ -80,6 +88,16 @@ def test_user_toml_file_layers_on_epsilon(tmp_path):
     ("train.seed=-1", "'train.seed' must be ≥ 0 (got -1)"),
     ("train.seed=18446744073709551616", "'train.seed' must be < 2**64 (got 18446744073709551616)"),
     ("data.on_corrupt=ignore", "'data.on_corrupt' must be one of error, skip (got 'ignore')"),
+    ("train.save_every=0", "'train.save_every' must be ≥ 1 (got 0)"),
+    # [sample] holds the defaults of every prompt; [[sample.prompts]] are counted from 1
+    ("sample.guidance=-1", "config [sample]: 'guidance' must be a number ≥ 0.0 (got -1.0)"),
+    ("sample.width=100", "config [sample]: 'width' must be a multiple of 8 (got 100)"),
+    ('sample.prompts=[{prompt = "a"}, {prompt = "b", width = 100}]',
+     "config [[sample.prompts]] #2: 'width' must be a multiple of 8 (got 100)"),
+    ('sample.prompts=[{prompt = "a", guidance = "high"}]',
+     "config [[sample.prompts]] #1: 'guidance' must be a number ≥ 0.0 (got 'high')"),
+    ('sample.prompts=[{prompt = "a", steps = 0}]',
+     "config [[sample.prompts]] #1: 'steps' must be int ≥ 1 (got 0)"),
 ])
 def test_bad_values_are_one_clear_line(override, message):
     with pytest.raises(HakubooruError) as err:
@@ -89,6 +107,26 @@ def test_bad_values_are_one_clear_line(override, message):
 
 def test_largest_seed_is_accepted():
     assert load_config("epsilon", [("train.seed", 2**64 - 1)])["train"]["seed"] == 2**64 - 1
+
+
+def test_lowest_allowed_values_are_accepted():
+    """A state and a checkpoint every step, one state kept: the bounds (≥ 1) themselves are valid."""
+    cfg = load_config("epsilon", ["train.save_every=1", "train.keep_states=1", "train.checkpoint_every=1"])
+    assert (cfg["train"]["save_every"], cfg["train"]["keep_states"], cfg["train"]["checkpoint_every"]) == (1, 1, 1)
+
+
+def test_reads_toml_through_tomli_before_python_311(monkeypatch):
+    """python_requires is >= 3.10, where the standard library has no tomllib: the config module
+    then reads TOML with tomli (the same parser, from PyPI). Simulated here: tomllib made
+    unimportable, and tomli provided by the standard library's copy of it."""
+    import tomllib
+    monkeypatch.setitem(sys.modules, "tomllib", None)  # `import tomllib` -> ModuleNotFoundError
+    monkeypatch.setitem(sys.modules, "tomli", tomllib)
+    spec = importlib.util.spec_from_file_location("config_without_tomllib", config.__file__)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.tomllib is tomllib
+    assert module.load_config("tiny")["data"]["resolution"] == 64  # tiny.toml's value
 
 
 def test_cli_errors_are_one_line(capsys, tmp_path):
@@ -101,6 +139,38 @@ def test_cli_errors_are_one_line(capsys, tmp_path):
     assert err == "error: --set: unknown config key 'train.seeed' (did you mean 'train.seed'?)"
     assert main(["--config", "tiny"]) == 2
     assert capsys.readouterr().err.strip().startswith("error: no data: pass --shards DIR")
+
+
+def test_cli_reads_sys_argv_without_the_program_name(tmp_path):
+    """`python -m trainers.lokr --config tiny` (no --shards): the arguments after the program
+    name are the command line, so the one-line "no data" error, status 2."""
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "trainers.lokr", "--config", "tiny"], cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: no data: pass --shards DIR")
+
+
+def test_cli_subcommands_get_the_arguments_after_their_name(capsys, tmp_path):
+    """merge, convert and report are dispatched with everything after their name; their own
+    one-line errors (status 2) show that they parsed those arguments; a report that is written
+    is status 0."""
+    missing = tmp_path / "missing.safetensors"
+    assert main(["merge", "--pretrained", "tiny", "--lokr", str(missing), "--out", str(tmp_path / "m.safetensors")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: LoKr file not found: {missing}"
+    taken = tmp_path / "taken.safetensors"
+    taken.write_bytes(b"")
+    assert main(["convert", "--lokr", str(missing), "--to", "diffusers", "--out", str(taken)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {taken} already exists; choose a new --out"
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps(
+        {"step": 1, "epoch": 0, "loss": 1.0, "lr_unet": 5e-4, "lr_text": 5e-4, "grad_norm": 2.0,
+         "images_per_s": 4.0, "skipped": 0}) + "\n")
+    assert main(["report", str(run)]) == 0
+    assert capsys.readouterr().err.strip() == f"wrote {run / 'report.html'}: 1 steps (last 1)"
+    assert (run / "report.html").is_file()
 
 
 def test_resume_config_rules():

@@ -63,3 +63,55 @@ def test_missing_or_bad_metrics_are_one_line(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"loss": 1}\n')
     proc = run_report(tmp_path)
     assert proc.returncode == 2 and proc.stderr.strip().endswith("metrics.jsonl:1 is not a metrics line (JSON with a step)")
+
+
+def _charts(html):
+    """alt text -> RGB pixels (int array) of each chart <img> of a page."""
+    import base64
+    import io
+    import re
+
+    import numpy as np
+
+    return {alt: np.asarray(Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB")).astype(int)
+            for alt, data in re.findall(r"<img class='chart' alt='([^']*)' src='data:image/png;base64,([^']*)'>",
+                                        html)}
+
+
+def test_curves_are_drawn_and_one_series_has_no_legend(tmp_path):
+    """The loss chart draws its two series (raw #9db4d8, smoothed #1f4e99) with a legend; a
+    chart of one series has no legend, so a gradient norm logged at one step only (one point:
+    a line with no length, no marker) leaves its chart without a single blue pixel. Black text,
+    grey grid and white have blue = red; the blues have blue - red = 59 and 122."""
+    from trainers.lokr.report import render
+
+    lines = [{"step": 1, "epoch": 0, "loss": 1.0, "grad_norm": 2.0, "images_per_s": 4.0, "skipped": 0},
+             {"step": 2, "epoch": 0, "loss": 3.0, "grad_norm": None, "images_per_s": 5.0, "skipped": 0}]
+    charts = _charts(render(tmp_path, lines))
+    assert len(charts) == 5
+
+    def blue(pixels):
+        return int(((pixels[..., 2] - pixels[..., 0]) > 40).sum())
+    assert blue(charts["loss"]) > 100
+    assert blue(charts["gradient norm (before clipping)"]) == 0
+
+
+def test_median_speed_is_the_middle_of_five(tmp_path):
+    """Summary "median images/s": of 5, 1, 4, 2, 3 images/s (sorted 1..5) the middle one, 3."""
+    from trainers.lokr.report import render
+
+    lines = [{"step": i + 1, "epoch": 0, "loss": 1.0, "images_per_s": v, "skipped": 0}
+             for i, v in enumerate([5.0, 1.0, 4.0, 2.0, 3.0])]
+    summary = {r[0]: r[1] for r in Tables(render(tmp_path, lines)).tables["summary"]}
+    assert summary["median images/s"] == "3"
+
+
+def test_mean_loss_of_the_last_tenth(tmp_path):
+    """Summary "mean loss, last 10 % of steps": of 18 finite losses 1..18, ⌊18/10⌋ = 1 step,
+    so the mean is the last loss, 18."""
+    from trainers.lokr.report import render
+
+    lines = [{"step": i, "epoch": 0, "loss": float(i), "skipped": 0} for i in range(1, 19)]
+    summary = {r[0]: r[1] for r in Tables(render(tmp_path, lines)).tables["summary"]}
+    assert summary["mean loss, last 10 % of steps"] == "18"
+

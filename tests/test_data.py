@@ -288,3 +288,50 @@ def test_index_size_mismatch_and_bad_record_are_clear_errors(shards, tmp_path):
     _rehash(folder, "json_xxh3", row, record)
     with pytest.raises(HakubooruError, match=f"post {ix.ids[row]} .*not valid JSON"):
         BatchDataset(folder, load_index(folder), plan)[0]
+
+
+def test_dataset_inputs_by_name_options_by_keyword_and_rank_range(shards):
+    """BatchDataset(shards_dir, index, plan, *, rank=..., ...): the three inputs may be given by
+    name, the options only by keyword; rank must lie in 0 .. world_size - 1 (-1 is refused)."""
+    ix = load_index(shards.dir)
+    plan = BatchPlan(ix, 4, seed=0, epoch=0, buckets=BUCKETS)
+    by_name = BatchDataset(shards_dir=shards.dir, index=ix, plan=plan)
+    assert by_name[0]["ids"].tolist() == ix.ids[plan[0]].tolist()
+    with pytest.raises(TypeError):
+        BatchDataset(shards.dir, ix, plan, 0)
+    with pytest.raises(HakubooruError, match="rank -1 is not in a world of size 2"):
+        BatchDataset(shards.dir, ix, plan, rank=-1, world_size=2)
+
+
+def test_caption_text_without_a_record_is_the_txt(tmp_path):
+    """A webdataset folder of image + .txt members only (no .json record), indexed by
+    `python -m hakubooru index`: each sample's caption is its .txt (no shuffle, no dropout)."""
+    from hakubooru.wdsindex import index_webdataset
+
+    root = tmp_path / "txt_only"
+    root.mkdir()
+    texts = {i: f"tag{i}, sky, tree" for i in range(4)}
+    with wds.TarWriter(str(root / "part-a.tar")) as sink:
+        for i, text in texts.items():
+            png = io.BytesIO()
+            Image.new("RGB", (64, 64), (10 * i, 20, 30)).save(png, "PNG")
+            sink.write({"__key__": f"pic_{i}", "png": png.getvalue(), "txt": text})
+    index_webdataset(root, progress=False)
+    ix = load_index(root)
+    plan = BatchPlan(ix, 4, seed=0, epoch=0, buckets=BUCKETS)
+    item = BatchDataset(root, ix, plan, shuffle_tags=False, tag_dropout=0.0)[0]
+    # free-form keys get ids 0..3 in key order
+    assert sorted(zip(item["ids"].tolist(), item["captions"])) == sorted(texts.items())
+
+
+def test_image_larger_than_one_pillow_block_is_read(tmp_path):
+    """A decoded image over Pillow's 16 MiB allocation block (2100 x 2100 x 4 bytes = 17.6 MB)
+    is not one memory block, so its pixels are copied instead of shared: the crop is still
+    PIL's bicubic resize of the picture (within one grey level), here 2100² -> the 64² bucket."""
+    big = make_test_shards(tmp_path / "big", n=1, sizes=[(2100, 2100)])
+    ix = load_index(big.dir)
+    plan = BatchPlan(ix, 1, seed=0, epoch=0, buckets=[(64, 64)])
+    got = BatchDataset(big.dir, ix, plan)[0]["pixel_values"][0]
+    ref = np.asarray(_original(big.dir, ix, 0).resize((64, 64), Image.Resampling.BICUBIC))
+    ref = torch.from_numpy(ref.astype(np.float32)).permute(2, 0, 1) / 127.5 - 1
+    assert (got - ref).abs().max() <= 1.01 / 127.5

@@ -63,3 +63,29 @@ def test_two_ranks_of_batch_b_equal_one_of_batch_2b_across_kill_and_resume(tmp_p
     first = [json.loads((run / "metrics.jsonl").read_text().splitlines()[0]) for run in (single, ddp)]
     assert abs(first[0]["grad_norm"] - first[1]["grad_norm"]) <= 1e-4 * first[0]["grad_norm"], first
     assert abs(first[0]["loss"] - first[1]["loss"]) <= 1e-4 * first[0]["loss"], first
+
+
+def test_single_process_place_is_fixed_and_leaves_a_callers_process_group(tmp_path, monkeypatch):
+    """Without torchrun (no WORLD_SIZE) the run is rank 0 of 1, its Dist is
+    frozen (nothing can move a process to another rank mid-run), and shutdown() leaves alone a
+    process group the caller made: the trainer only leaves a group it joined (world_size > 1)."""
+    import dataclasses
+
+    import pytest
+    import torch.distributed as dist
+
+    from trainers.lokr.distributed import init_distributed, shutdown
+
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    d = init_distributed()
+    assert (d.rank, d.world_size, d.local_rank, d.is_main) == (0, 1, 0, True)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        d.rank = 1
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        shutdown(init_distributed())
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()

@@ -65,3 +65,21 @@ def test_gpu_bench_smoke_on_cpu(capsys):
     out = capsys.readouterr().out
     assert "tiny SDXL on cpu: batch 1, 64x64" in out
     assert "s/step" in out and "peak RSS" in out
+
+
+def test_without_text_encoders_only_the_unet_rows():
+    """train.train_text_encoders = false: the LoKr wraps the UNet only, so the report has the
+    three UNet rows (the module counts by hand above: 560, 140, 62) and no te1 / te2 row."""
+    report = dry_run(load_config("epsilon", ["train.train_text_encoders=false"]))
+    assert {(g.network, g.block): g.modules for g in report.groups} == {
+        ("unet", "Attention"): 560, ("unet", "FeedForward"): 140, ("unet", "ResnetBlock2D"): 62}
+
+
+def test_table_row_shows_the_group_in_mb():
+    """A group of 1,000,000 fp16 parameters (2 bytes each; no modules or tensors counted) is
+    2,000,000 bytes: 2.0 MB (10^6 bytes) in its row's last column."""
+    from trainers.lokr.dryrun import DryRunReport, Group
+
+    report = DryRunReport("fp16", [Group("unet", "Attention", 4, modules=0, params=1_000_000, tensors=0)])
+    row = report.table().splitlines()[2]
+    assert row.startswith("unet Attention") and row.split()[-1] == "2.0"

@@ -185,3 +185,80 @@ def test_a_damaged_sample_stops_training_with_one_line(shards, reference, tmp_pa
     cfg = load_config("tiny", [f"data.latent_cache_dir='{cache}'", "train.max_steps=8"])
     with pytest.raises(HakubooruError, match="of latents-000004.safetensors fails its checksum"):
         train(cfg, shards, tmp_path / "run")
+
+
+def test_python_defaults_are_the_command_line_defaults(shards, tmp_path):
+    """docs/latent-cache.md: --chunk-size 256 and --batch-size 8 by default; build_cache has the
+    same defaults (recorded in the manifest). 14 samples in the 64x64 bucket and 6 in 128x32
+    are fewer than 256: one chunk per bucket."""
+    r = build_cache(load_config("tiny"), shards, tmp_path / "latents", dtype="fp32")
+    manifest = json.loads((tmp_path / "latents" / "manifest.json").read_text())
+    assert r["complete"] and (manifest["chunk_size"], manifest["batch_size"]) == (256, 8)
+    assert [f["samples"] for f in manifest["files"]] == [14, 6]
+
+
+def _cache_setup(shards, cache):
+    from trainers.lokr.latent_cache import open_cache
+
+    cfg = load_config("tiny", [f"data.latent_cache_dir='{cache}'"])
+    return lambda shard_dir=shards: open_cache(cfg, shard_dir, load_index(shard_dir), tiny_sdxl(seed=0).vae,
+                                               log=False)
+
+
+def test_missing_or_cut_chunk_is_refused(shards, reference, tmp_path):
+    """A complete cache whose chunk file is gone, or has another size than the manifest's, is
+    refused with one line naming the file (never read as if whole)."""
+    cache = tmp_path / "latents"
+    shutil.copytree(reference, cache)
+    open_it = _cache_setup(shards, cache)
+    assert open_it() is not None  # whole: accepted
+    (cache / "latents-000003.safetensors").unlink()
+    with pytest.raises(HakubooruError, match=r"latents-000003.safetensors is missing \(partial or damaged\)"):
+        open_it()
+    shutil.copy(reference / "latents-000003.safetensors", cache)
+    chunk = cache / "latents-000005.safetensors"
+    size = chunk.stat().st_size
+    chunk.write_bytes(chunk.read_bytes()[:-8])
+    with pytest.raises(HakubooruError, match=f"latents-000005.safetensors has {size - 8} bytes, "
+                                             f"the manifest says {size}"):
+        open_it()
+
+
+def test_long_values_in_a_refusal_are_cut_to_24_characters(shards, reference, tmp_path):
+    """A refusal quotes each side's value, strings longer than 24 characters as their first 24
+    and "…": a 25-character crop name "centre-crop-of-25-chars!!" shows as
+    "centre-crop-of-25-chars!…"; the run's "centre" (6) as it is."""
+    cache = tmp_path / "latents"
+    shutil.copytree(reference, cache)
+    manifest = json.loads((cache / "manifest.json").read_text())
+    manifest["crop"] = "centre-crop-of-25-chars!!"
+    assert len(manifest["crop"]) == 25
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(HakubooruError, match=r"made for another crop \(crop: centre-crop-of-25-chars!…, "
+                                             r"this run: centre\)"):
+        _cache_setup(shards, cache)()
+
+
+def test_cached_batches_skip_or_stop_at_a_damaged_record(shards, reference, tmp_path):
+    """Training from the cache still reads each sample's .json record (hash-checked):
+    data.on_corrupt = "skip" leaves a damaged one out of its micro-batch and counts it;
+    "error" stops with CorruptMember."""
+    from trainers.lokr.bucketing import make_buckets
+    from trainers.lokr.data import BatchPlan
+    from trainers.lokr.integrity import CorruptMember
+    from trainers.lokr.latent_cache import CachedBatchDataset
+
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    index = load_index(copy)
+    plan = BatchPlan(index, 2, seed=0, epoch=0, buckets=make_buckets(64 * 64, 32, 128, 32))
+    row = int(plan[0][0])
+    with open(copy / index.shard_names[index.shard[row]], "r+b") as f:  # same size, other bytes
+        f.seek(index.json_offset[row])
+        f.write(b"[")  # the record began with "{"
+    cache = _cache_setup(copy, reference)(copy)
+    kept = CachedBatchDataset(copy, index, plan, cache=cache, on_corrupt="skip")[0]
+    assert kept["ids"].tolist() == [int(index.ids[plan[0][1]])] and kept["corrupt"] == 1
+    assert kept["latent_mean"].shape[0] == 1 and len(kept["captions"]) == 1
+    with pytest.raises(CorruptMember):
+        CachedBatchDataset(copy, index, plan, cache=cache, on_corrupt="error")[0]

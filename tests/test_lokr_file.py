@@ -4,6 +4,7 @@ metadata sd-scripts writes, reproducible bytes, and continuing from a LoKr (--in
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -240,6 +241,30 @@ def test_convert_round_trip_gives_the_same_bytes(trained, tmp_path):
         convert_main(["--lokr", str(there), "--to", "sd-scripts", "--out", str(back)])
 
 
+def test_convert_cli_defaults_to_sdxl_and_needs_a_lokr(tmp_path, capsys):
+    """`convert` without --pretrained renames on the SDXL 1.0 base architecture: sd-scripts'
+    input_blocks.4.1 is diffusers' down_blocks.1.attentions.0 (input block 0 is conv_in, 1-2
+    the first level's resnets, 3 its downsampler). --lokr is required; --pretrained other
+    than sdxl / tiny is one line."""
+    from safetensors.torch import save_file
+
+    src = tmp_path / "one.safetensors"
+    module = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"  # a 640 -> 640 Linear
+    save_file({f"{module}.alpha": torch.tensor(10000.0), f"{module}.lokr_w1": torch.ones(4, 4),
+               f"{module}.lokr_w2": torch.ones(160, 160)}, str(src), {"ss_network_module": "lycoris.kohya"})
+    out = tmp_path / "one-diffusers.safetensors"
+    assert convert_main(["--lokr", str(src), "--to", "diffusers", "--out", str(out)]) == 0
+    renamed = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
+    assert set(load_file(out)) == {f"{renamed}.alpha", f"{renamed}.lokr_w1", f"{renamed}.lokr_w2"}
+    assert capsys.readouterr().out.strip() == f"{src} (sd-scripts naming) -> {out} (diffusers naming, 1 modules)"
+    with pytest.raises(HakubooruError, match="""--pretrained must be "sdxl" or "tiny", got 'sdxl-base'"""):
+        convert_main(["--lokr", str(src), "--to", "diffusers", "--out", str(tmp_path / "x.safetensors"),
+                      "--pretrained", "sdxl-base"])
+    with pytest.raises(SystemExit) as exit_:
+        convert_main(["--to", "diffusers", "--out", str(tmp_path / "y.safetensors"), "--pretrained", "tiny"])
+    assert exit_.value.code == 2 and "the following arguments are required: --lokr" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- merge, in a fresh process
 
 
@@ -340,6 +365,85 @@ def test_metadata_is_what_sd_scripts_writes(runs):
     ss_only = save(tensors, {k: v for k, v in meta.items() if k.startswith("ss_")})
     assert meta["sshs_legacy_hash"] == hashlib.sha256(ss_only[0x100000:0x110000]).hexdigest()[:8]
     assert any(re.match(r"lora_unet_(input_blocks|middle_block|output_blocks)_", k) for k in tensors)
+
+
+def _png() -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _webdataset(folder: Path, samples: dict[str, dict[str, bytes]]) -> Path:
+    """One real tar of `samples` ({key: {ext: bytes}}), indexed as `python -m hakubooru index` does."""
+    from hakubooru.wdsindex import index_webdataset
+
+    folder.mkdir()
+    with tarfile.open(folder / "00000.tar", "w") as tar:
+        for key, members in samples.items():
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    index_webdataset(folder, progress=False)
+    return folder
+
+
+def test_tag_frequency_metadata_by_hand(tmp_path):
+    """ss_tag_frequency's counts: a caption record's groups where the sample has one (its .txt
+    then unused), else the .txt split at commas, stripped, lower-cased; samples with neither are
+    left out; most frequent first, ties by name. An empty .json is a damaged record: one line."""
+    from trainers.lokr.data import load_index
+    from trainers.lokr.metadata import tag_frequency
+
+    record = {"id": 1, "keep": ["1girl"], "general": ["Smile", "sky"], "quality": [], "year": [], "meta": [],
+              "rating_tags": []}
+    folder = _webdataset(tmp_path / "wds", {
+        "000001": {"png": _png(), "json": json.dumps(record).encode(), "txt": b"not, counted"},
+        "000002": {"png": _png(), "txt": b" sky , 1girl,, Tree"},
+        "000003": {"png": _png(), "json": b'{"url": "https://example.com/3.png"}', "txt": b"sky"},
+        "000004": {"png": _png()},
+    })
+    counts = tag_frequency(folder, load_index(folder))
+    # sky: samples 1, 2, 3; 1girl: 1, 2; smile: 1; tree: 2
+    assert list(counts.items()) == [("sky", 3), ("1girl", 2), ("smile", 1), ("tree", 1)]
+    damaged = _webdataset(tmp_path / "damaged", {"000005": {"png": _png(), "json": b"", "txt": b"sky"}})
+    with pytest.raises(HakubooruError, match="post 5 in 00000.tar: its .json record is not valid JSON"):
+        tag_frequency(damaged, load_index(damaged))
+
+
+def test_dataset_and_model_hash_metadata_by_hand(tmp_path):
+    """ss_dataset_dirs: each image once per epoch (n_repeats 1, sd-scripts' repeat count);
+    ss_sd_model_hash of a single-file base model: sd-webui's old hash, the first 8 hex digits
+    of the sha256 of the 64 KiB at offset 1 MiB."""
+    from trainers.lokr.metadata import lokr_metadata
+
+    base = tmp_path / "base.safetensors"
+    data = bytes(range(256)) * 5127  # 1,312,512 bytes (1.25 MiB + 1,792): holds 1 MiB .. 1 MiB + 64 KiB
+    base.write_bytes(data)
+    cfg = load_config("tiny", [("model.pretrained", str(base))])
+    meta = lokr_metadata(cfg, step=3, epoch=0, total_steps=3, batches_per_epoch=4, world_size=1,
+                         num_train_images=16, dataset_dir="shards", tags={"sky": 2}, started_at=1700000000.0,
+                         base_model_sha256="ab" * 32, dataset_fingerprint="xxh3_128:0", output_name="run",
+                         config_json="{}")
+    assert json.loads(meta["ss_dataset_dirs"]) == {"shards": {"n_repeats": 1, "img_count": 16}}
+    assert meta["ss_sd_model_hash"] == hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
+    assert meta["ss_new_sd_model_hash"] == "ab" * 32
+    assert json.loads(meta["ss_tag_frequency"]) == {"shards": {"sky": 2}}
+
+
+def test_write_safetensors_that_cannot_be_written_is_one_line(tmp_path):
+    """A failed write that is not a full disk (here a folder in the way of the file) names the
+    path and the reason, and leaves no temporary file."""
+    from trainers.lokr.safetensors_file import write_safetensors
+
+    target = tmp_path / "lokr.safetensors"
+    (target / "inside").mkdir(parents=True)  # a non-empty folder: the rename onto it fails
+    with pytest.raises(HakubooruError) as err:
+        write_safetensors(target, {"w": torch.zeros(4)}, {"step": "1"})
+    assert str(err.value) == f"cannot write {target}: Is a directory"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lokr.safetensors"]
 
 
 def test_init_lokr_continues_from_a_file(runs, tmp_path):

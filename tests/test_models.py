@@ -62,6 +62,23 @@ def test_tiny_has_the_sdxl_wiring():
     assert sdxl.noise_scheduler.config.prediction_type == "epsilon"
 
 
+def test_tiny_unet_transformer_layers():
+    """The tiny UNet's transformer blocks per attention block (the counts test_network's LoKr
+    module count is derived from): down 1: 1, down 2: 2, mid: 2; up blocks mirror the down
+    ones with one more resnet, so up 0 has 2 attentions x 2 layers, up 1 2 x 1."""
+    unet = tiny_sdxl(seed=0).unet
+    layers = lambda block: [len(a.transformer_blocks) for a in getattr(block, "attentions", [])]
+    assert [layers(b) for b in unet.down_blocks] == [[], [1], [2]]
+    assert layers(unet.mid_block) == [2]
+    assert [layers(b) for b in unet.up_blocks] == [[2, 2], [1, 1], []]
+
+
+def test_tiny_default_seed_is_zero():
+    """tiny_sdxl() is tiny_sdxl(seed=0), the model `--pretrained tiny` trains, merges and
+    converts on (train.py, merge.py, convert.py pass seed=0)."""
+    assert_same_weights(tiny_sdxl(), tiny_sdxl(seed=0))
+
+
 def test_tiny_is_deterministic_in_seed_and_leaves_global_rng_alone():
     torch.manual_seed(123)
     expected_next = torch.rand(3)
@@ -76,6 +93,11 @@ def test_diffusers_folder_round_trip(tiny_folder, offline):
     for sub in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"):
         assert (tiny_folder / sub).is_dir()
     assert json.loads((tiny_folder / "model_index.json").read_text())["_class_name"] == "StableDiffusionXLPipeline"
+    # weights as safetensors, one file per component (the layout loading.py reads tensor by
+    # tensor, docs/lokr.md), no pickled .bin
+    for sub in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        assert len(list((tiny_folder / sub).glob("*.safetensors"))) == 1, sub
+        assert not list((tiny_folder / sub).glob("*.bin")), sub
     loaded = load_sdxl(tiny_folder)
     assert_same_weights(tiny_sdxl(seed=3), loaded)
     captions = ["1girl, solo, smile", "no humans, scenery"]

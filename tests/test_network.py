@@ -6,8 +6,8 @@ from safetensors.torch import load_file, save_file
 
 from hakubooru.errors import HakubooruError
 from trainers.lokr.models import tiny_sdxl
-from trainers.lokr.network import (TEXT_TARGETS, UNET_TARGETS, create_lokr, load_lokr, lokr_param_groups,
-                                   lokr_state_dict, save_lokr)
+from trainers.lokr.network import (TEXT_TARGETS, UNET_TARGETS, create_lokr, init_from_lokr, load_lokr,
+                                   lokr_param_groups, lokr_state_dict, save_lokr)
 from tests.torch_threads import one_torch_thread  # noqa: F401  (autouse)
 
 FACTORS = {"Attention": 4, "FeedForward": 4, "ResnetBlock2D": 8, "CLIPAttention": 2, "CLIPMLP": 4}
@@ -145,6 +145,8 @@ def test_saved_file_keys_alpha_metadata(tmp_path):
                                 naming="diffusers"))
     state = lokr_state_dict(net)
     assert set(exact) == set(state) and all(torch.equal(exact[k], state[k]) for k in state)
+    # alpha is the dim itself, 10000 (docs/lokr.md), also where fp32 would keep any other value
+    assert {float(v) for k, v in exact.items() if k.endswith(".alpha")} == {10000.0}
     assert all(v.dtype == torch.float32 for v in state.values())
     assert not list(tmp_path.glob(".*tmp*"))  # no temporary files left behind
 
@@ -156,6 +158,9 @@ def test_bad_input_is_one_clear_error(tmp_path):
         create_lokr(tiny_sdxl(), {"factors": {"Attention": 4}})
     with pytest.raises(HakubooruError, match="positive integer"):
         create_lokr(tiny_sdxl(), {"factors": {**FACTORS, "CLIPMLP": 0}})
+    for bad in (True, 2.5):  # a bool or a float is not a factor, though True == 1 and 2.5 > 1
+        with pytest.raises(HakubooruError, match=f"CLIPMLP = {bad!r}: a factor must be a positive integer"):
+            create_lokr(tiny_sdxl(), {"factors": {**FACTORS, "CLIPMLP": bad}})
     with pytest.raises(HakubooruError, match="full_matrix"):
         create_lokr(tiny_sdxl(), {"full_matrix": False, "factors": FACTORS})
     sdxl = tiny_sdxl()
@@ -178,3 +183,41 @@ def test_bad_input_is_one_clear_error(tmp_path):
     with pytest.raises(HakubooruError, match="1 of its 187 LoKr modules match no module of this model, "
                                              "e.g. lora_unet_input_blocks_99_1_proj_in"):
         load_lokr(tiny_sdxl(), tmp_path / "other.safetensors")
+
+
+def test_damaged_file_is_one_clear_error(tmp_path):
+    """A LoKr file whose module lost its lokr_w2 (or its alpha) is refused in one line naming
+    the file, not with a traceback from inside LyCORIS."""
+    sdxl = tiny_sdxl()
+    weights = load_file(save_lokr(create_lokr(sdxl, CFG), tmp_path / "ok.safetensors", {}, unet=sdxl.unet))
+    for leaf in ("lokr_w2", "alpha"):
+        damaged = dict(weights)
+        del damaged[f"lora_unet_middle_block_1_transformer_blocks_0_attn1_to_q.{leaf}"]
+        save_file(damaged, str(tmp_path / "damaged.safetensors"))
+        with pytest.raises(HakubooruError) as err:
+            load_lokr(tiny_sdxl(), tmp_path / "damaged.safetensors")
+        assert str(err.value).startswith(f"cannot load LoKr file {tmp_path / 'damaged.safetensors'}: ")
+        assert "\n" not in str(err.value)
+
+
+def test_init_from_lokr_takes_every_weight_of_the_file(tmp_path):
+    """--init-lokr: a new network gets the saved fp32 LoKr's weights exactly; a file made with
+    other factors is refused, naming the tensor and both shapes."""
+    sdxl = tiny_sdxl()
+    net = create_lokr(sdxl, CFG)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for lora in net.loras:
+            lora.lokr_w1.copy_(torch.randn(lora.lokr_w1.shape, generator=g))
+            lora.lokr_w2.copy_(torch.randn(lora.lokr_w2.shape, generator=g))
+    path = save_lokr(net, tmp_path / "a.safetensors", {}, unet=sdxl.unet, dtype="fp32")
+    other = tiny_sdxl()
+    fresh = create_lokr(other, CFG)
+    assert init_from_lokr(fresh, other, path) == "sd-scripts"
+    got, want = lokr_state_dict(fresh), lokr_state_dict(net)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    # a config with Attention factor 2: a 64 -> 64 Linear has w1 (2, 2) there, (4, 4) in the file
+    other = tiny_sdxl()
+    with pytest.raises(HakubooruError, match=r"lokr_w\d is \(\d+, \d+\) in the file but \(\d+, \d+\) with this "
+                                             r"config's factors"):
+        init_from_lokr(create_lokr(other, {**CFG, "factors": {**FACTORS, "Attention": 2}}), other, path)

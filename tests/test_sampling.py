@@ -99,3 +99,13 @@ def test_bad_prompt_tables_are_one_line_errors():
         load_config("tiny", ['sample.sampler="euler"'])
     with pytest.raises(HakubooruError, match="no sample images"):
         contact_sheet([], [])
+
+
+def test_tiling_starts_above_1024_squared_pixels():
+    """docs/report.md: latents are decoded tile by tile above 1024² pixels. With sides that are
+    multiples of 8, 1024 x 1024 = 1,048,576 pixels decodes whole and the next pixel count up,
+    40 x 26216 = 1,048,640 (= 1024² + 64), in tiles."""
+    from trainers.lokr.sampling import TILE_ABOVE
+
+    assert not 1024 * 1024 > TILE_ABOVE
+    assert 40 * 26216 == 1024 ** 2 + 64 and 40 * 26216 > TILE_ABOVE

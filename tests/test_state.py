@@ -11,7 +11,7 @@ from hakubooru.errors import HakubooruError
 from tests.shardfactory import make_test_shards
 from tests.torch_threads import one_torch_thread  # noqa: F401  (autouse)
 from trainers.lokr.config import load_config
-from trainers.lokr.state import list_states, load_latest_state, save_state
+from trainers.lokr.state import list_states, load_latest_state, read_state, save_state
 from trainers.lokr.train import train
 
 
@@ -65,3 +65,27 @@ def test_resuming_a_finished_run_prints_no_nan(tmp_path, capsys):
     assert summary["steps_this_run"] == 0 and summary["step"] == 1
     assert "nan" not in err
     assert "trained 0 steps (0 images) to step 1/1, 0 skipped (non-finite loss) (the run had already reached it)" in err
+
+
+def test_payloads_read_back_whatever_the_header_length(tmp_path):
+    """A state's body is a safetensors file, whose JSON header is padded with spaces to a
+    multiple of 8 bytes. A string of k = 0..7 characters in the payload makes the header k bytes
+    longer, so one of these 8 states has a header with no padding at all: every one reads back
+    as written (nested dicts, lists, numbers, strings, None, a tensor used twice)."""
+    for k in range(8):
+        w = torch.arange(3, dtype=torch.float32) * k
+        payload = {"note": "x" * k, "step": k, "lr": 0.5, "flags": [True, None], "w": w, "nested": {"same_w": w}}
+        path = save_state(tmp_path / "states", k, payload, keep=8)
+        state = read_state(path)
+        assert {key: v for key, v in state.items() if key not in ("w", "nested")} == {
+            "note": "x" * k, "step": k, "lr": 0.5, "flags": [True, None]}
+        assert torch.equal(state["w"], w) and torch.equal(state["nested"]["same_w"], w)
+
+
+def test_a_header_without_its_newline_is_a_bad_header(tmp_path):
+    """HAKUSTATE2\\n, 64 hex digits, then "\\n": a file of full length whose 76th byte is not
+    the newline is "not a complete training state (bad header)", not a checksum mismatch."""
+    path = tmp_path / "state-00000001.state"
+    path.write_bytes(b"HAKUSTATE2\n" + b"0" * 64 + b"X" + b"body")
+    with pytest.raises(HakubooruError, match=r"not a complete training state \(bad header\)"):
+        read_state(path)

@@ -193,3 +193,13 @@ def test_draws_follow_the_documented_order():
     assert got.timesteps.tolist() == t.tolist()
     assert torch.equal(got.latent_eps[0], latent)
     assert torch.equal(got.noise[0], noise + 0.5 * offset)
+
+
+def test_a_wide_bucket_trains(tmp_path):
+    """Latents are (4, h/8, w/8) of the bucket: 128x32 images stay in the 128x32 bucket of the
+    tiny config (area 64², sides 32-128), so a step works on 4 x 4 x 16 latents and noise."""
+    shards = make_test_shards(tmp_path / "wide", n=8, sizes=[(128, 32)]).dir
+    summary = train(load_config("tiny", ["train.max_steps=1"]), shards, tmp_path / "run")
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert summary["step"] == 1 and [x["step"] for x in lines] == [1]
+    assert lines[0]["loss"] is not None and math.isfinite(lines[0]["loss"])

@@ -196,7 +196,8 @@ def load_lokr(sdxl, path: str | os.PathLike, *, multiplier: float = 1.0, apply: 
         with quiet_lycoris(), _empty_preset():
             network, _ = create_network_from_weights(
                 multiplier, None, None, kohya_text_encoders(sdxl), sdxl.unet, weights_sd=tensors)
-    except (RuntimeError, ValueError, KeyError) as exc:  # wrong shapes, unknown module kinds
+    # wrong shapes, unknown module kinds; a module missing a tensor (LyCORIS then uses None)
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise HakubooruError(f"cannot load LoKr file {path}: {str(exc).splitlines()[0]}") from None
     in_file = {naming_.module_name(k) for k in tensors if "." in k}
     loaded = {lora.lora_name for lora in network.unet_loras + network.text_encoder_loras}
