@@ -46,7 +46,7 @@ MODULES = {
     "hakubooru/db.py": ("tests/test_db.py", None),
     "hakubooru/builder.py": ("tests/test_builder.py", None),
     "hakubooru/manifest.py": ("tests/test_builder.py -k 'manifest or rerun or refus or other_inputs or parts'", None),
-    "hakubooru/shardwriter.py": ("tests/test_shardwriter.py tests/test_builder.py -k 'every_sample or offsets'", None),
+    "hakubooru/shardwriter.py": ("tests/test_shardwriter.py tests/test_builder.py -k 'test_shardwriter or every_sample or offsets'", None),
     "hakubooru/sources.py": ("tests/test_sources.py", None),
     "hakubooru/images.py": ("tests/test_images.py tests/test_to_rgb.py tests/test_orientation.py", None),
     "hakubooru/hf.py": ("tests/test_card.py", None),
