@@ -512,3 +512,22 @@ def test_complete_folder_is_left_alone_and_says_so(tmp_path, capsys):
     assert capsys.readouterr().out == ""
     make_folder(out, 5, images=False, progress=True)
     assert capsys.readouterr().out == f"synth: {out} is already complete for these arguments; nothing to do\n"
+
+
+def test_a_one_post_database_is_allowed(tmp_path):
+    """The documented lower bound: any positive number of posts (1 is the smallest)."""
+    path = make_database(tmp_path / "one.db", 1, seed=0, progress=False)
+    assert len(rows(path, "SELECT id FROM post")) == 1
+
+
+def test_subset_reads_rows_without_the_aliases_column(tmp_path):
+    """danbooru_tags.csv rows are name,category,post_count[,aliases]: a row without aliases
+    (three fields) is a tag like any other; shorter rows are skipped."""
+    from hakubooru.synth.subset import write_subset
+
+    full = tmp_path / "tags.csv"
+    full.write_text('1girl,0,100,"1girls"\nsolo,0,90\nbroken,0\n', encoding="utf-8")
+    out = tmp_path / "subset.csv"
+    write_subset(full, out)
+    names = [r["name"] for r in csv.DictReader(out.open(encoding="utf-8"))]
+    assert "1girl" in names and "solo" in names and "broken" not in names
