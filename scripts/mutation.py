@@ -41,7 +41,7 @@ MODULES = {
     # the step functions of train.py (lr_factor .. diffusion_loss), with their unit tests
     "trainers/lokr/train.py": ("tests/test_train.py -k 'min_snr or draws or warmup or mse or timesteps'",
                                "step-functions"),
-    "hakubooru/buildlock.py": ("tests/test_build_robustness.py -k 'lock or temporar'", None),
+    "hakubooru/buildlock.py": ("tests/test_build_robustness.py -k 'lock or temporar or second_build'", None),
     # the rest of hakubooru/
     "hakubooru/db.py": ("tests/test_db.py", None),
     "hakubooru/builder.py": ("tests/test_builder.py", None),

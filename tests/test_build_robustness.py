@@ -209,3 +209,23 @@ def test_full_disk_message_gives_mib_free_and_needed(tmp_path):
     with pytest.raises(PermissionError):
         with reporting_full_disk(target, needed=1):
             raise PermissionError(errno.EACCES, "Permission denied")
+
+
+def test_lock_file_mode_and_remove_temporaries_count_by_hand(tmp_path):
+    """The lock file gets the normal 0644 under umask 022, like every output; remove_temporaries
+    deletes `.<name>.tmp` and `.<name>.<hex>.tmp` of the names given, nothing else, and says how
+    many."""
+    from hakubooru.buildlock import LOCK_FILE, BuildLock, remove_temporaries
+
+    old = os.umask(0o022)
+    try:
+        with BuildLock(tmp_path):
+            pass
+    finally:
+        os.umask(old)
+    assert (tmp_path / LOCK_FILE).stat().st_mode & 0o777 == 0o644
+    for name in (".index.parquet.tmp", ".manifest.json.3fa9.tmp", ".other.json.tmp", "index.parquet"):
+        (tmp_path / name).write_text("x")
+    assert remove_temporaries(tmp_path, ["index.parquet", "manifest.json"]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([LOCK_FILE, ".other.json.tmp", "index.parquet"])
+    assert remove_temporaries(tmp_path / "absent", ["index.parquet"]) == 0
