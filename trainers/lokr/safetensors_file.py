@@ -50,6 +50,15 @@ def tensor_bytes(t: torch.Tensor, dtype: torch.dtype | None = None) -> memoryvie
     return memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
 
 
+def file_chunks(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
+                dtype: torch.dtype | None = None):
+    """The bytes of the safetensors file of `tensors`, in order: the header, then one tensor
+    at a time (only one converted tensor in memory)."""
+    yield memoryview(header_bytes(tensors, metadata, dtype))
+    for name in sorted(tensors):
+        yield tensor_bytes(tensors[name], dtype)
+
+
 def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
                       metadata: dict[str, str] | None = None, *, dtype: torch.dtype | None = None) -> Path:
     """Write `tensors` (cast to `dtype` if given, + string `metadata`) to `path`: reproducible
@@ -61,9 +70,8 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
         with os.fdopen(fd, "wb") as f:
-            f.write(header_bytes(tensors, metadata, dtype))
-            for name in sorted(tensors):
-                f.write(tensor_bytes(tensors[name], dtype))
+            for chunk in file_chunks(tensors, metadata, dtype):
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -25,9 +25,10 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from hakubooru.errors import HakubooruError, reporting_full_disk
-from trainers.lokr.safetensors_file import header_bytes, tensor_bytes
+from trainers.lokr.safetensors_file import file_chunks
 
 MAGIC = b"HAKUSTATE2\n"
+HEADER = len(MAGIC) + 65  # the magic line, then 64 hex digits of sha256 and a newline
 _NAME = re.compile(r"^state-(\d+)\.state$")
 
 
@@ -78,18 +79,17 @@ def save_state(folder: str | os.PathLike, step: int, payload: dict, keep: int) -
     folder.mkdir(parents=True, exist_ok=True)
     tensors: dict = {}
     skeleton = _pack(payload, tensors, {})
-    head = header_bytes(tensors, {"hakubooru_state": json.dumps(skeleton)})
-    size = len(MAGIC) + 65 + len(head) + sum(t.numel() * t.element_size() for t in tensors.values())
+    metadata = {"hakubooru_state": json.dumps(skeleton)}
+    size = HEADER + len(metadata["hakubooru_state"]) + sum(t.numel() * t.element_size() for t in tensors.values())
     final = folder / f"state-{step:08d}.state"
     tmp = folder / f".{final.name}.tmp"
     for stale in folder.glob(".state-*.state.tmp"):  # left by a killed run (one writer per run)
         stale.unlink()
     try:  # streamed tensor by tensor (no copy of the body in memory); the checksum goes in last
         with reporting_full_disk(final, size), open(tmp, "wb") as f:
-            f.write(MAGIC + b"0" * 64 + b"\n" + head)
-            digest = hashlib.sha256(head)
-            for name in sorted(tensors):
-                chunk = tensor_bytes(tensors[name])
+            f.write(MAGIC + b"0" * 64 + b"\n")
+            digest = hashlib.sha256()
+            for chunk in file_chunks(tensors, metadata):
                 digest.update(chunk)
                 f.write(chunk)
             f.seek(len(MAGIC))
@@ -113,7 +113,7 @@ def save_state(folder: str | os.PathLike, step: int, payload: dict, keep: int) -
 def read_state(path: str | os.PathLike) -> dict:
     """Load one state file, checking its header and checksum; HakubooruError if it is damaged."""
     data = Path(path).read_bytes()
-    header = len(MAGIC) + 65
+    header = HEADER
     if not data.startswith(MAGIC) or len(data) < header or data[header - 1:header] != b"\n":
         raise HakubooruError(f"{path} is not a complete training state (bad header)")
     if hashlib.sha256(data[header:]).hexdigest().encode() != data[len(MAGIC):header - 1]:
