@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+from safetensors import safe_open
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -142,6 +143,10 @@ def test_training_from_the_cache_gives_the_loss_of_training_from_images(shards, 
     # fp16 storage rounds mean and std to 11 significant bits: measured ≤ 1.5e-5 relative in 3 steps
     assert from_fp16 == pytest.approx(images, rel=1e-3)
     assert from_fp16 != pytest.approx(images, rel=1e-7)  # the fp16 run did read the fp16 cache
+    # ss_cache_latents says which runs read the cache (sd-scripts' --cache_latents)
+    cached = {d: safe_open(str(tmp_path / d / "lokr.safetensors"), "pt").metadata()["ss_cache_latents"]
+              for d in ("images", "fp32", "fp16run")}
+    assert cached == {"images": "False", "fp32": "True", "fp16run": "True"}
 
 
 def test_refusals_name_what_differs(shards, reference, tmp_path):

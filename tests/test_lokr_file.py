@@ -30,12 +30,12 @@ from trainers.lokr.network import create_lokr, init_from_lokr, load_lokr, lokr_s
 from tests.tiny_lokr import FACTORS, outputs, trained_lokr
 
 REPO = Path(__file__).resolve().parents[1]
-KEYS_FILE = REPO.parent / "shared" / "data" / "sdxl_base_1.0_keys.txt"
+KEYS_FILE = REPO / "tests" / "data" / "sdxl_base_1.0_keys.txt"  # facts about the published file
 TOL = dict(rtol=0, atol=1e-5)  # hooked-in vs merged: the same sums in another float32 order
 
 
 def published_keys() -> dict[str, tuple[int, ...]]:
-    """Every tensor of the published SDXL base 1.0 single file with its shape (position_ids aside)."""
+    """Every tensor of the published SDXL base 1.0 single file with its shape."""
     out = {}
     for line in KEYS_FILE.read_text().splitlines():
         if line and not line.startswith("#"):
@@ -62,8 +62,9 @@ def epsilon_on_meta():
 def test_every_epsilon_module_maps_one_to_one_onto_the_published_checkpoint(epsilon_on_meta):
     sdxl, network = epsilon_on_meta
     keys = published_keys()
-    shapes = {lora.lora_name: implied_shape(lora.lokr_w1.shape, lora.lokr_w2.shape) for lora in network.loras}
-    assert len(shapes) == 1026
+    shapes = {lora.lora_name: implied_shape(lora.lokr_w1.shape, lora.lokr_w2.shape) if hasattr(lora, "lokr_w1")
+              else tuple(lora.w_norm.shape) for lora in network.loras}  # norm offsets: one per channel
+    assert len(shapes) == 1314
     names = naming.unet_names(sdxl.unet)
     ours = {names.get(n, n): s for n, s in shapes.items()}  # sd-scripts naming
     # An independent derivation of sd-scripts' UNet names from the published key list alone:
@@ -71,7 +72,7 @@ def test_every_epsilon_module_maps_one_to_one_onto_the_published_checkpoint(epsi
     from_keys = {"lora_unet_" + k.removeprefix("model.diffusion_model.").removesuffix(".weight").replace(".", "_")
                  for k in keys if k.startswith("model.diffusion_model.") and k.endswith(".weight")}
     unet_names = [n for n in ours if n.startswith("lora_unet_")]
-    assert len(unet_names) == 762 and set(unet_names) <= from_keys
+    assert len(unet_names) == 1050 and set(unet_names) <= from_keys
     used, paths = {}, naming.ldm_paths(sdxl.unet)
     for name, shape in ours.items():
         key, part = naming.checkpoint_target(name, paths)
@@ -82,7 +83,7 @@ def test_every_epsilon_module_maps_one_to_one_onto_the_published_checkpoint(epsi
             assert keys[key] == (3 * shape[0], shape[1]), (name, key)
         assert (key, part) not in used, f"{name} and {used[key, part]} both map to {key}"
         used[key, part] = name
-    assert len(used) == 1026
+    assert len(used) == 1314
     fused = [k for k in keys if k.endswith("attn.in_proj_weight")]
     assert len(fused) == 32 and all({(k, 0), (k, 1), (k, 2)} <= used.keys() for k in fused)
     # spot checks against sd-scripts' names, written out by hand
@@ -107,7 +108,7 @@ def test_diffusers_names_map_through_the_converter(epsilon_on_meta):
     keys = published_keys()
     paths = naming.ldm_paths(sdxl.unet)
     mapped = {naming.checkpoint_target(naming.module_name(k), paths)[0] for k in converted}
-    assert mapped <= keys.keys() and len(converted) == 1026
+    assert mapped <= keys.keys() and len(converted) == 1314
     with pytest.raises(ValueError, match="mixed LoKr naming"):
         naming.detect(["lora_unet_down_blocks_0_resnets_0_conv1", "lora_unet_input_blocks_1_0_in_layers_2"])
 
@@ -116,9 +117,9 @@ def test_single_file_layout_is_the_published_one():
     """What `merge` and `save_sdxl_single_file` write: exactly the published names and shapes."""
     from trainers.lokr.ldm import single_file_state
 
-    written = {k: tuple(v.shape) for k, v in single_file_state(sdxl_on_meta()).items()}
-    written.pop("conditioner.embedders.0.transformer.text_model.embeddings.position_ids", None)
-    assert written == published_keys()
+    state = single_file_state(sdxl_on_meta())
+    assert {k: tuple(v.shape) for k, v in state.items()} == published_keys()
+    assert state["conditioner.embedders.0.transformer.text_model.embeddings.position_ids"].tolist() == [list(range(77))]
 
 
 # ---------------------------------------------------------------- loaders, on the tiny model
@@ -149,7 +150,7 @@ te = [TextModelView(sdxl.text_encoder_1), sdxl.text_encoder_2]
 if kind == "kohya":
     # As sd-scripts calls it (--network_module lycoris.kohya --network_weights FILE). On a diffusers
     # UNet, LyCORIS's default preset wraps time_embedding twice: set the LoKr's own preset first.
-    LycorisNetworkKohya.apply_preset(lokr_preset(factors))
+    LycorisNetworkKohya.apply_preset(lokr_preset(sdxl, {"factors": factors}))
     network, weights = create_network_from_weights(1.0, path, sdxl.vae, te, sdxl.unet)
     loaded = len(network.unet_loras) + len(network.text_encoder_loras)
     network.apply_to(te, sdxl.unet, True, True)
@@ -338,9 +339,12 @@ def test_metadata_is_what_sd_scripts_writes(runs):
     assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and meta["ss_v2"] == "False"
     assert meta["ss_network_module"] == "lycoris.kohya"
     assert meta["ss_network_dim"] == "10000" and meta["ss_network_alpha"] == "10000"
-    args = json.loads(meta["ss_network_args"])
-    assert args["algo"] == "lokr" and args["full_matrix"] == "True"
-    assert args["preset"]["module_algo_map"]["Attention"] == {"algo": "lokr", "factor": 2}
+    # sd-scripts' form: the `--network_args key=value` strings, every value a string
+    assert json.loads(meta["ss_network_args"]) == {
+        "algo": "lokr", "preset": "lycoris_preset.toml", "full_matrix": "True", "factor": "-1", "conv_dim": "10000",
+        "conv_alpha": "10000", "dropout": "0", "train_norm": "True", "bypass_mode": "True"}
+    assert (a / "lycoris_preset.toml").read_text() == meta["lycoris_preset"]
+    assert meta["ss_cache_latents"] == "False"  # this run encoded its images
     assert meta["ss_resolution"] == "(64, 64)"   # str() of sd-scripts' resolution tuple
     assert meta["ss_num_train_images"] == "16" and meta["ss_steps"] == "3" and meta["ss_epoch"] == "1"
     assert meta["ss_learning_rate"] == meta["ss_unet_lr"] == "0.001" and meta["ss_text_encoder_lr"] == "0.001"
@@ -365,6 +369,31 @@ def test_metadata_is_what_sd_scripts_writes(runs):
     ss_only = save(tensors, {k: v for k, v in meta.items() if k.startswith("ss_")})
     assert meta["sshs_legacy_hash"] == hashlib.sha256(ss_only[0x100000:0x110000]).hexdigest()[:8]
     assert any(re.match(r"lora_unet_(input_blocks|middle_block|output_blocks)_", k) for k in tensors)
+
+
+def test_network_recreated_from_the_files_own_metadata(runs, tmp_path, monkeypatch):
+    """As sd-scripts recreates a network: `lycoris.kohya.create_network(**network_args)` with the
+    file's ss_network_args, the preset file its `preset=` names written from the file's
+    `lycoris_preset` key; the file's weights then load into it with every module matched."""
+    from lycoris.kohya import create_network
+
+    from trainers.lokr.network import kohya_text_encoders
+
+    _, (a, _) = runs
+    with safe_open(str(a / "lokr.safetensors"), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    args = json.loads(meta["ss_network_args"])
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / args["preset"]).write_text(meta["lycoris_preset"])
+    sdxl = tiny_sdxl(seed=0)
+    network = create_network(1.0, int(meta["ss_network_dim"]), float(meta["ss_network_alpha"]), None,
+                             kohya_text_encoders(sdxl), sdxl.unet, **args)
+    network.apply_to(kohya_text_encoders(sdxl), sdxl.unet, True, True)  # as sd-scripts does before loading
+    weights, found = naming.to_diffusers(tensors, sdxl.unet)
+    assert found == "sd-scripts"
+    result = network.load_state_dict(weights, strict=False)
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    assert len(network.loras) == len({naming.module_name(k) for k in weights})
 
 
 def _png() -> bytes:

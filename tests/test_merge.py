@@ -87,3 +87,60 @@ def test_merge_help_describes_the_command():
     """`merge --help`: the description is the module docstring's first line."""
     assert "Fold a trained LoKr into SDXL's weights and write a full checkpoint." in \
         " ".join(build_parser().format_help().split())
+
+
+def _lycoris_lokr(sdxl, *, full_matrix: bool, dim: int, alpha: float, seed: int):
+    """A LoKr made and saved by LyCORIS itself (as sd-scripts + LyCORIS write them), random weights."""
+    from lycoris.kohya import LycorisNetworkKohya
+
+    LycorisNetworkKohya.apply_preset({"enable_conv": True, "unet_target_module": ["Transformer2DModel", "ResnetBlock2D"],
+                                      "unet_target_name": [], "text_encoder_target_module": ["CLIPMLP"],
+                                      "text_encoder_target_name": [], "module_algo_map": {}, "name_algo_map": {}})
+    from trainers.lokr.network import kohya_text_encoders
+    net = LycorisNetworkKohya(kohya_text_encoders(sdxl), sdxl.unet, multiplier=1.0, lora_dim=dim, conv_lora_dim=dim,
+                              alpha=alpha, conv_alpha=alpha, network_module="lokr", factor=4, full_matrix=full_matrix,
+                              decompose_both=False)
+    net.apply_to(None, None, apply_text_encoder=True, apply_unet=True)  # registers the modules: state_dict()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    return net
+
+
+@pytest.mark.parametrize("full_matrix, dim, alpha", [(True, 10000, 10000.0), (False, 2, 1.0), (False, 4, 8.0)])
+def test_merge_adds_kron_w1_w2_times_alpha_over_dim_once(tmp_path, full_matrix, dim, alpha):
+    """merged - base = kron(w1, w2) · scale for every module, computed here by hand from the file's
+    own tensors: scale 1 for full matrix, alpha / dim for low rank (w2 = w2_a @ w2_b). LyCORIS's
+    own merge_to applies alpha / dim twice (0.5x of the delta at alpha 1, dim 2)."""
+    from safetensors.torch import load_file
+
+    net = _lycoris_lokr(tiny_sdxl(seed=0), full_matrix=full_matrix, dim=dim, alpha=alpha, seed=1)
+    path = tmp_path / "lyco.safetensors"
+    net.save_weights(str(path), torch.float32, {"ss_network_module": "lycoris.kohya"})  # LyCORIS's writer
+    file = load_file(path)
+    assert any(k.endswith("lokr_w2_a") for k in file) != full_matrix  # low rank is what it says
+    base, merged = tiny_sdxl(seed=0), merge_lokr(tiny_sdxl(seed=0), path)
+    weights = {**{f"lora_unet_{n}".replace(".", "_"): m.weight for n, m in merged.unet.named_modules()
+                  if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}}
+    before = {f"lora_unet_{n}".replace(".", "_"): m.weight for n, m in base.unet.named_modules()
+              if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+    for te, (b, m) in {"te1": (base.text_encoder_1, merged.text_encoder_1),
+                       "te2": (base.text_encoder_2, merged.text_encoder_2)}.items():
+        for (n, mod), (_, mod2) in zip(b.named_modules(), m.named_modules()):
+            if isinstance(mod, torch.nn.Linear):
+                name = f"lora_{te}_{'' if n.startswith('text_model') else 'text_model_'}{n}".replace(".", "_")
+                before[name], weights[name] = mod.weight, mod2.weight
+    modules = {k.split(".")[0] for k in file}
+    assert len(modules) > 50
+    for name in modules:
+        shape, w1, w2 = before[name].shape, file[f"{name}.lokr_w1"], file.get(f"{name}.lokr_w2")
+        scale = 1.0  # a full w2 (LyCORIS stores one where dim ≥ half the side, whatever full_matrix says)
+        if w2 is None:  # low rank: w2 = w2_a @ w2_b, a conv's kernel folded into w2_b's columns
+            w2_a, w2_b = file[f"{name}.lokr_w2_a"], file[f"{name}.lokr_w2_b"]
+            w2 = (w2_a @ w2_b.flatten(1)).reshape(w2_a.shape[0], -1, *shape[2:])
+            assert w2_b.shape[0] == dim and float(file[f"{name}.alpha"]) == alpha
+            scale = alpha / dim
+        conv = len(shape) == 4  # kron over the first two dimensions; the kernel comes from w2
+        want = torch.kron(w1[:, :, None, None] if conv else w1, w2) * scale
+        torch.testing.assert_close(weights[name] - before[name], want, rtol=0, atol=1e-6)

@@ -24,8 +24,7 @@ from trainers.lokr.models import load_sdxl, sdxl_on_meta
 from trainers.lokr.network import load_lokr
 
 REPO = Path(__file__).resolve().parents[1]
-KEYS = Path("/work/shared/data/sdxl_base_1.0_keys.txt")
-KEYS = KEYS if KEYS.is_file() else REPO.parent / "shared" / "data" / "sdxl_base_1.0_keys.txt"
+KEYS = REPO / "tests" / "data" / "sdxl_base_1.0_keys.txt"  # the published file's names and shapes
 
 
 def sdxl_keys() -> dict[str, tuple[int, ...]]:
@@ -55,13 +54,11 @@ def narrow(tmp_path_factory):
     return tmp
 
 
-@pytest.mark.skipif(not KEYS.is_file(), reason="needs ../shared/data/sdxl_base_1.0_keys.txt")
 def test_real_size_single_file_has_the_published_names_and_shapes():
     state = single_file_state(sdxl_on_meta())
     assert {k: tuple(v.shape) for k, v in state.items()} == sdxl_keys()
 
 
-@pytest.mark.skipif(not KEYS.is_file(), reason="needs ../shared/data/sdxl_base_1.0_keys.txt")
 def test_narrow_files_have_sdxl_names_and_the_published_folder_layout(narrow):
     with safe_open(str(narrow / "sdxl.safetensors"), "pt") as f:
         assert set(f.keys()) == set(sdxl_keys())
@@ -107,8 +104,7 @@ def test_train_from_folder_and_file_give_identical_lokrs_then_merge(narrow, tmp_
     assert done.returncode == 0, done.stderr[-2000:]
     assert "sd-scripts naming" in done.stderr  # the trainer's default names, read back by merge
     from safetensors import safe_open
-    published = {line.split()[0] for line in (Path(__file__).resolve().parents[2] / "shared" / "data" /
-                 "sdxl_base_1.0_keys.txt").read_text().splitlines() if line and not line.startswith("#")}
+    published = set(sdxl_keys())
     with safe_open(str(merged), "pt") as f:
         assert set(f.keys()) == published  # every name of the published file, narrow shapes
     base = load_sdxl(narrow / "sdxl.safetensors", config=narrow / "configs")

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from trainers.lokr.models import sdxl_on_meta
-from trainers.lokr.network import SAVE_DTYPES, TEXT_TARGETS, UNET_TARGETS, create_lokr
+from trainers.lokr.network import SAVE_DTYPES, create_lokr, lokr_targets
 
 BUDGET_BYTES = 800 * 1000 ** 2  # recipe §3: the LoKr file is under 800 MB
 HEADER_BYTES_PER_TENSOR = 128   # safetensors JSON header entry (name, dtype, shape, offsets), rounded up
@@ -18,11 +18,12 @@ class Group:
     """One module group: a block class inside one of the three networks."""
 
     network: str          # unet | te1 | te2
-    block: str            # Attention, FeedForward, ResnetBlock2D, CLIPAttention, CLIPMLP
+    block: str            # a [lokr.factors] group: Attention, FeedForward, ..., CLIPMLP
     factor: int
-    modules: int = 0      # LoKr modules (one per wrapped Linear / Conv)
+    modules: int = 0      # LoKr modules (one per wrapped Linear / Conv / norm)
     params: int = 0       # trainable LoKr parameters
-    tensors: int = 0      # tensors in the file (alpha, lokr_w1, lokr_w2 per module)
+    tensors: int = 0      # tensors in the file (alpha, lokr_w1, lokr_w2; w_norm, b_norm)
+    values: int = 0       # numbers in the file: the parameters and each module's alpha
 
 
 @dataclass
@@ -38,11 +39,10 @@ class DryRunReport:
 
     @property
     def file_bytes(self) -> int:
-        size = SAVE_DTYPES[self.save_dtype].itemsize
-        return sum((g.params + g.modules) * size + g.tensors * HEADER_BYTES_PER_TENSOR for g in self.groups)
+        return sum(self.group_bytes(g) for g in self.groups)
 
     def group_bytes(self, g: Group) -> int:
-        return (g.params + g.modules) * SAVE_DTYPES[self.save_dtype].itemsize + g.tensors * HEADER_BYTES_PER_TENSOR
+        return g.values * SAVE_DTYPES[self.save_dtype].itemsize + g.tensors * HEADER_BYTES_PER_TENSOR
 
     def table(self) -> str:
         """The report as text lines: one per group, then the total and the budget verdict."""
@@ -69,25 +69,17 @@ def dry_run(cfg: dict, sdxl=None) -> DryRunReport:
     with_text = cfg.get("train", {}).get("train_text_encoders", True)
     with torch.device("meta"):
         network = create_lokr(sdxl, lokr, text_encoders=with_text)
-    owner = {}  # id(Linear/Conv) -> (network, block class)
-    nets = {"unet": sdxl.unet, "te1": sdxl.text_encoder_1, "te2": sdxl.text_encoder_2}
-    for net_name, model in nets.items():
-        for module in model.modules():
-            if type(module).__name__ in UNET_TARGETS + TEXT_TARGETS:
-                for child in module.modules():
-                    owner.setdefault(id(child), (net_name, type(module).__name__))
+    targets = lokr_targets(sdxl, lokr, text_encoders=with_text)
     groups: dict[tuple[str, str], Group] = {}
-    for net_name, model in nets.items():  # fixed order of rows: network, then block class
-        targets = UNET_TARGETS if net_name == "unet" else TEXT_TARGETS
-        if net_name != "unet" and not with_text:
-            continue
-        for block in targets:
-            groups[(net_name, block)] = Group(net_name, block, lokr["factors"][block])
+    for net_name, group in targets.values():  # rows in network order
+        groups.setdefault((net_name, group), Group(net_name, group, lokr["factors"][group]))
     for lora in network.loras:
-        g = groups[owner[id(lora.org_module[0])]]
+        g = groups[targets[lora.lora_name]]
+        state = lora.state_dict()
         g.modules += 1
-        g.params += sum(p.numel() for p in lora.parameters())
-        g.tensors += len(lora.state_dict())
+        g.params += sum(v.numel() for k, v in state.items() if k != "alpha")
+        g.tensors += len(state)
+        g.values += sum(v.numel() for v in state.values())
     return DryRunReport(lokr.get("save_dtype", "fp16"), list(groups.values()))
 
 

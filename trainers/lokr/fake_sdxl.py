@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from hakubooru.clip_tokenizer import write_tokenizer_folder
 from hakubooru.errors import HakubooruError, run_command
+from trainers.lokr.ldm import single_file_state
 from trainers.lokr.loading import FOLDER_FILES
 from trainers.lokr.models import SDXL_CONFIGS, sdxl_base_architecture
 
@@ -146,16 +147,6 @@ def _diffusers_state(model, attr: str) -> dict[str, torch.Tensor]:
     state = model.state_dict()
     if attr == "text_encoder_1" and not hasattr(model, "text_model"):
         state = {f"text_model.{k}": v for k, v in state.items()}
-    return state
-
-
-def single_file_state(sdxl) -> dict[str, torch.Tensor]:
-    """The tensors of the original-layout single file, named as in the published one."""
-    from trainers.lokr.ldm import TE2, sdxl_to_ldm
-
-    state = sdxl_to_ldm(sdxl)
-    # in the published file (OpenCLIP's learnt temperature, ln 100); no SDXL part reads it
-    state.setdefault(f"{TE2}logit_scale", torch.tensor(math.log(100.0), device=state[f"{TE2}positional_embedding"].device))
     return state
 
 

@@ -15,6 +15,7 @@ TE2 = "conditioner.embedders.1.model."
 # OpenCLIP's contrastive temperature: in every SDXL single file, unused by SDXL, absent from
 # transformers' CLIPTextModelWithProjection. SDXL base 1.0 stores ln(100) (OpenCLIP's clamp).
 LOGIT_SCALE = TE2 + "logit_scale"
+POSITION_IDS = TE1 + "text_model.embeddings.position_ids"
 
 _RESNET = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"),
            ("conv2", "out_layers.3"), ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection"))
@@ -117,8 +118,11 @@ def sdxl_to_ldm(sdxl) -> dict[str, torch.Tensor]:
 def single_file_state(sdxl, extras: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The tensors of an SDXL single-file checkpoint of `sdxl`: `sdxl_to_ldm` plus the tensors
     that no diffusers component holds (`extras`, e.g. taken from the base file; else
-    `logit_scale` = ln 100). The `position_ids` buffer is left out, as transformers does."""
+    `logit_scale` = ln 100) and text encoder 1's `position_ids` (a buffer transformers does
+    not save, which the published file carries: 1 x 77, int64)."""
     out = sdxl_to_ldm(sdxl)
     out[LOGIT_SCALE] = torch.tensor(math.log(100.0))
+    positions = sdxl.text_encoder_1.config.max_position_embeddings
+    out[POSITION_IDS] = torch.arange(positions, dtype=torch.int64).unsqueeze(0)
     out.update(extras or {})
     return out

@@ -13,18 +13,38 @@ from pathlib import Path
 import torch
 
 from hakubooru.errors import HakubooruError
+from trainers.lokr.metadata import MODELSPEC_IMPLEMENTATION, spec_date, training_start_time
 from trainers.lokr.models import SDXL, load_sdxl, save_sdxl, save_sdxl_single_file, tiny_sdxl
 from trainers.lokr.network import SAVE_DTYPES, load_lokr
 
 
 def merge_lokr(sdxl: SDXL, lokr_path: str | os.PathLike) -> SDXL:
-    """Add the LoKr's weight deltas (w1 ⊗ w2, scale 1) into `sdxl`'s UNet and text encoders,
-    in place, and return it. Merge in fp32 for a precise result; cast afterwards."""
+    """Add the LoKr's weight deltas into `sdxl`'s UNet and text encoders, in place, and return
+    it: each LoKr module's `lokr_delta`, each norm module's offsets. Merge in fp32 for a
+    precise result; cast afterwards."""
+    from lycoris.modules.lokr import LokrModule
+
     network = load_lokr(sdxl, lokr_path, apply=False)
     with torch.no_grad():
         for lora in network.unet_loras + network.text_encoder_loras:
-            lora.merge_to(1.0)
+            if not isinstance(lora, LokrModule):
+                lora.merge_to(1.0)  # norm offsets: weight + w_norm, bias + b_norm
+                continue
+            if lora.wd:
+                raise HakubooruError(f"{lokr_path}: {lora.lora_name} is a DoRA LoKr (dora_scale); merge does "
+                                     "not support weight-decomposed files")
+            weight = lora.org_module[0].weight
+            weight += lokr_delta(lora).to(weight.dtype)
     return sdxl
+
+
+def lokr_delta(lora) -> torch.Tensor:
+    """The weight change a LyCORIS LoKr module's forward applies: w1 ⊗ w2 · alpha / dim (scale 1
+    for full matrix, where alpha = dim), w1 and w2 rebuilt from their low-rank factors where the
+    file has them. LyCORIS's own `merge_to` applies alpha / dim twice (`get_diff_weight` scales
+    `get_weight`, which is already scaled), so merge does not use it."""
+    weight = lora.org_module[0].weight
+    return lora.get_weight(weight.shape).to(weight.device) * lora.multiplier
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,12 +77,16 @@ def main(argv=None) -> int:
     merge_lokr(sdxl, args.lokr)
     dtype = SAVE_DTYPES[args.dtype]
     if out.suffix == ".safetensors":
-        lokr_meta = {k: v for k, v in _lokr_metadata(args.lokr).items() if k != "ss_tag_frequency"}
+        lokr_meta = {k: v for k, v in _lokr_metadata(args.lokr).items()
+                     if k not in ("ss_tag_frequency", "lycoris_preset")}
         meta = {"merged_lokr": str(Path(args.lokr).name), "base_model": str(args.pretrained),
                 "lokr_metadata": json.dumps(lokr_meta, sort_keys=True),
                 "modelspec.sai_model_spec": "1.0.1", "modelspec.architecture": "stable-diffusion-xl-v1-base",
-                "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+                "modelspec.implementation": MODELSPEC_IMPLEMENTATION,
                 "modelspec.title": out.stem, "modelspec.prediction_type": "epsilon",
+                # sd-scripts' sai_model_spec always writes these two: the LoKr's, else SDXL's 1024²
+                "modelspec.resolution": lokr_meta.get("modelspec.resolution", "1024x1024"),
+                "modelspec.date": spec_date(training_start_time()),
                 "modelspec.merged_from": f"{Path(str(args.pretrained)).name}, {Path(args.lokr).name}"}
         save_sdxl_single_file(sdxl, out, dtype=dtype, metadata=meta, extras=_base_extras(args.pretrained))
     else:

@@ -20,7 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from hakubooru.errors import HakubooruError
-from trainers.lokr.network import FULL_MATRIX_DIM, TEXT_TARGETS, UNET_TARGETS
+from trainers.lokr.network import FULL_MATRIX_DIM
 from trainers.lokr.text import WINDOW
 
 SDXL_BASE_VERSION = "sdxl_base_v1-0"       # sd-scripts' MODEL_VERSION_SDXL_BASE_V1_0
@@ -28,6 +28,7 @@ MODELSPEC_ARCHITECTURE = "stable-diffusion-xl-v1-base/lora"
 MODELSPEC_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
 OPTIMIZER_CLASS = "bitsandbytes.optim.lion.Lion8bit"
 SOURCE_DATE_ENV = "SOURCE_DATE_EPOCH"
+PRESET_FILE = "lycoris_preset.toml"        # beside each LoKr of a run; ss_network_args' preset=
 
 
 def training_start_time() -> float:
@@ -36,6 +37,11 @@ def training_start_time() -> float:
     runs can give byte-identical files. A resumed run keeps its first start time."""
     value = os.environ.get(SOURCE_DATE_ENV)
     return float(int(value)) if value and value.isdigit() else time.time()
+
+
+def spec_date(seconds: float) -> str:
+    """`modelspec.date`: the time in ISO 8601, UTC, whole seconds (e.g. 2023-11-14T22:13:20+00:00)."""
+    return datetime.datetime.fromtimestamp(int(seconds), datetime.timezone.utc).isoformat()
 
 
 def legacy_model_hash(path: str | os.PathLike) -> str | None:
@@ -88,25 +94,33 @@ def tag_frequency(shards, index) -> dict[str, int]:
     return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
-def network_args(cfg: dict) -> dict:
-    """`ss_network_args`: the LyCORIS arguments that recreate the network (sd-scripts stores the
-    `--network_args` strings), with the per-module-type factors and the preset's targets."""
+def network_args(cfg: dict) -> dict[str, str]:
+    """`ss_network_args`: the `--network_args` that recreate the network with
+    `lycoris.kohya.create_network`, as sd-scripts stores them (`key=value` strings, so every
+    value a string); `preset` names the preset file, whose text is the `lycoris_preset` key."""
     lokr = cfg["lokr"]
-    return {"algo": "lokr", "full_matrix": "True", "factor": "-1",
-            "preset": {"unet_target_module": list(UNET_TARGETS), "text_encoder_target_module": list(TEXT_TARGETS),
-                       "module_algo_map": {k: {"algo": "lokr", "factor": v} for k, v in sorted(lokr["factors"].items())}},
-            "train_text_encoder": str(cfg["train"]["train_text_encoders"])}
+    return {"algo": "lokr", "preset": PRESET_FILE, "full_matrix": "True", "factor": "-1",
+            "conv_dim": str(FULL_MATRIX_DIM), "conv_alpha": str(FULL_MATRIX_DIM), "dropout": "0",
+            "train_norm": str(bool(lokr["train_norm"])), "bypass_mode": str(bool(lokr["bypass_mode"]))}
+
+
+def preset_toml(preset: dict) -> str:
+    """A LyCORIS preset as the TOML file its `preset=` network argument reads."""
+    import toml  # LyCORIS's own dependency, which reads the file
+
+    return toml.dumps(preset)
 
 
 def lokr_metadata(cfg: dict, *, step: int, epoch: int, total_steps: int, batches_per_epoch: int,
                   world_size: int, num_train_images: int, dataset_dir: str, tags: dict[str, int],
                   started_at: float, base_model_sha256: str, dataset_fingerprint: str, output_name: str,
-                  config_json: str) -> dict[str, str]:
-    """Every metadata string of a LoKr file written at optimizer step `step` (0-based `epoch`)."""
+                  config_json: str, preset: dict, cache_latents: bool = False) -> dict[str, str]:
+    """Every metadata string of a LoKr file written at optimizer step `step` (0-based `epoch`);
+    `preset` is the network's LyCORIS preset (`network.lokr_preset`), `cache_latents` whether
+    the run read VAE latents from the latent cache."""
     tc, dc, oc = cfg["train"], cfg["data"], cfg["optimizer"]
     pretrained = str(cfg["model"]["pretrained"])
     res = dc["resolution"]
-    date = datetime.datetime.fromtimestamp(int(started_at), datetime.timezone.utc).isoformat()
     ss = {
         "ss_base_model_version": SDXL_BASE_VERSION,
         "ss_v2": False,
@@ -114,7 +128,7 @@ def lokr_metadata(cfg: dict, *, step: int, epoch: int, total_steps: int, batches
         "ss_network_dim": FULL_MATRIX_DIM,
         "ss_network_alpha": FULL_MATRIX_DIM,
         "ss_network_dropout": 0.0,
-        "ss_network_args": json.dumps(network_args(cfg), sort_keys=True),
+        "ss_network_args": json.dumps(network_args(cfg)),
         "ss_training_started_at": started_at,
         "ss_output_name": output_name,
         "ss_learning_rate": oc["lr_unet"],
@@ -140,7 +154,7 @@ def lokr_metadata(cfg: dict, *, step: int, epoch: int, total_steps: int, batches
         "ss_max_grad_norm": tc["max_grad_norm"],
         "ss_clip_skip": None,
         "ss_max_token_length": WINDOW * dc["max_windows"],
-        "ss_cache_latents": False,
+        "ss_cache_latents": cache_latents,
         "ss_resolution": (res, res),
         "ss_enable_bucket": True,
         "ss_min_bucket_reso": dc["bucket_min"],
@@ -167,14 +181,14 @@ def lokr_metadata(cfg: dict, *, step: int, epoch: int, total_steps: int, batches
         "modelspec.implementation_version": f"hakubooru/{_version()}",
         "modelspec.title": output_name,
         "modelspec.resolution": f"{res}x{res}",
-        "modelspec.date": date,
+        "modelspec.date": spec_date(started_at),
         "modelspec.prediction_type": "epsilon",
         "modelspec.description": f"LyCORIS LoKr (full matrix) over SDXL 1.0 base, {step} steps, "
                                  f"{num_train_images} images",
     }
     ours = {"step": step, "config": config_json, "base_model": pretrained, "base_model_sha256": base_model_sha256,
             "dataset_fingerprint": dataset_fingerprint, "lokr_naming": cfg["lokr"]["naming"],
-            "init_from": cfg["lokr"]["init_from"]}
+            "init_from": cfg["lokr"]["init_from"], "lycoris_preset": preset_toml(preset)}
     return {k: str(v) for k, v in {**ss, **spec, **ours}.items()}
 
 

@@ -2,6 +2,7 @@
 the real SDXL base architecture on the meta device, and saving."""
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,7 +74,16 @@ def tiny_tokenizers() -> tuple[CLIPTokenizer, CLIPTokenizer]:
     vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols])}
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[]), CLIPTokenizer(vocab=vocab, merges=[], pad_token="!")
+    try:
+        return CLIPTokenizer(vocab=vocab, merges=[]), CLIPTokenizer(vocab=vocab, merges=[], pad_token="!")
+    except TypeError:  # transformers < 5 builds a CLIP tokenizer from its two files only
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            files = {"vocab_file": Path(tmp) / "vocab.json", "merges_file": Path(tmp) / "merges.txt"}
+            files["vocab_file"].write_text(json.dumps(vocab))
+            files["merges_file"].write_text("#version: 0.2\n")
+            return CLIPTokenizer(**files), CLIPTokenizer(**files, pad_token="!")
 
 
 def _text_config(tok: CLIPTokenizer, hidden: int, act: str) -> CLIPTextConfig:

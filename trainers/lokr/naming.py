@@ -23,11 +23,14 @@ _LDM_UNET = re.compile(r"lora_unet_(input_blocks|middle_block|output_blocks|time
 _DIFFUSERS_UNET = re.compile(r"lora_unet_(down_blocks|mid_block|up_blocks|time_embedding|add_embedding|conv_)")
 
 
+WEIGHTED = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.GroupNorm, torch.nn.LayerNorm)  # what a LoKr may wrap
+
+
 def unet_modules(unet: torch.nn.Module) -> list[tuple[str, str]]:
-    """(diffusers path, ldm path) of every Linear / Conv2d of `unet`, e.g.
+    """(diffusers path, ldm path) of every Linear / Conv2d / norm of `unet`, e.g.
     ("down_blocks.1.attentions.0.proj_in", "input_blocks.4.1.proj_in")."""
     return [(p, unet_key(p + ".weight", unet.config).removesuffix(".weight"))
-            for p, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+            for p, m in unet.named_modules() if isinstance(m, WEIGHTED)]
 
 
 def lokr_name(path: str, prefix: str = UNET_PREFIX) -> str:
@@ -36,7 +39,7 @@ def lokr_name(path: str, prefix: str = UNET_PREFIX) -> str:
 
 
 def unet_names(unet: torch.nn.Module) -> dict[str, str]:
-    """{diffusers-path LoKr name: sd-scripts LoKr name} for every Linear / Conv2d of `unet`."""
+    """{diffusers-path LoKr name: sd-scripts LoKr name} for every module of `unet` a LoKr may wrap."""
     return {lokr_name(diff): lokr_name(ldm) for diff, ldm in unet_modules(unet)}
 
 
@@ -83,7 +86,7 @@ def to_diffusers(state: dict, unet: torch.nn.Module) -> tuple[dict, str]:
 
 
 def ldm_paths(unet: torch.nn.Module) -> dict[str, str]:
-    """{sd-scripts LoKr name: ldm module path} of every Linear / Conv2d of `unet`."""
+    """{sd-scripts LoKr name: ldm module path} of every module of `unet` a LoKr may wrap."""
     return {lokr_name(ldm): ldm for _, ldm in unet_modules(unet)}
 
 

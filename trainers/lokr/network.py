@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,10 +17,26 @@ from hakubooru.errors import HakubooruError
 from trainers.lokr import naming as naming_
 from trainers.lokr.safetensors_file import sd_scripts_hashes, write_safetensors
 
-# Module classes the LoKr covers (class names inside diffusers' UNet / transformers' CLIP):
-# every Linear / Conv inside one of them gets its own LoKr, factor from the config by class.
-UNET_TARGETS = ("Attention", "FeedForward", "ResnetBlock2D")
-TEXT_TARGETS = ("CLIPAttention", "CLIPMLP")
+# The LoKr's module groups, the keys of [lokr.factors] (docs/lokr.md). The UNet's are diffusers
+# classes (LyCORIS walks every Linear / Conv, and norm with lokr.train_norm, inside one) or
+# top-level names; `Attention` and `FeedForward` sit inside `Transformer2DModel` and take their own
+# factor. The text encoders' are found by what a module is, not by its class name (transformers
+# names CLIP's attention CLIPAttention, CLIPSdpaAttention or CLIPFlashAttention2 by version).
+UNET_NESTED = ("Attention", "FeedForward")
+UNET_BLOCKS = ("Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D")
+UNET_NAMES = {"conv_in_out": ("conv_in", "conv_norm_out", "conv_out"),
+              "embeddings": ("time_embedding.linear_1", "time_embedding.linear_2",
+                             "add_embedding.linear_1", "add_embedding.linear_2")}
+TEXT_GROUPS = {"CLIPAttention": ("q_proj", "k_proj", "v_proj", "out_proj"), "CLIPMLP": ("fc1", "fc2")}
+GROUPS = UNET_NESTED + UNET_BLOCKS + tuple(UNET_NAMES) + tuple(TEXT_GROUPS)
+# The same modules on sd-scripts' own SDXL UNet (library/sdxl_original_unet.py), so that the preset
+# stored in a file's metadata recreates the network there too.
+SD_SCRIPTS_CLASSES = {"Attention": ("CrossAttention",)}
+SD_SCRIPTS_NAMES = {"conv_in_out": ("input_blocks.0.0", "out.0", "out.2"),
+                    "embeddings": ("time_embed.0", "time_embed.2", "label_emb.0.0", "label_emb.0.2")}
+KNOWN_TEXT_CLASSES = {"CLIPAttention": ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2"),
+                      "CLIPMLP": ("CLIPMLP",)}
+NORMS = (torch.nn.GroupNorm, torch.nn.LayerNorm)
 # LyCORIS's "dim" in full-matrix mode: unused for the shapes, but stored as every module's
 # alpha (alpha = dim, scale 1), so it must survive fp16 exactly (100000 would become inf).
 FULL_MATRIX_DIM = 10_000
@@ -57,26 +74,109 @@ def kohya_text_encoders(sdxl) -> list[torch.nn.Module]:
             for te in (sdxl.text_encoder_1, sdxl.text_encoder_2)]
 
 
-def lokr_preset(factors: dict[str, int]) -> dict:
-    """The LyCORIS preset: target blocks of UNet and text encoders, a factor per block class."""
-    unknown = set(factors) - set(UNET_TARGETS) - set(TEXT_TARGETS)
+def check_factors(factors: dict) -> dict[str, int]:
+    """The [lokr.factors] table, checked: known groups, each factor a positive integer."""
+    unknown = sorted(set(factors) - set(GROUPS))
     if unknown:
-        raise HakubooruError(
-            f"unknown LoKr factor key(s) {sorted(unknown)}; known: {list(UNET_TARGETS + TEXT_TARGETS)}")
-    missing = [k for k in UNET_TARGETS + TEXT_TARGETS if k not in factors]
-    if missing:
-        raise HakubooruError(f"[lokr.factors] lacks {missing}")
+        raise HakubooruError(f"unknown LoKr factor key(s) {unknown}; known: {list(GROUPS)}")
+    if not factors:
+        raise HakubooruError("[lokr.factors] names no module group; known: " + ", ".join(GROUPS))
     for name, f in factors.items():
         if not isinstance(f, int) or isinstance(f, bool) or f < 1:
             raise HakubooruError(f"[lokr.factors] {name} = {f!r}: a factor must be a positive integer")
+    return dict(factors)
+
+
+def _wrapped(module: torch.nn.Module, train_norm: bool) -> bool:
+    return isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) or (train_norm and isinstance(module, NORMS))
+
+
+def _text_blocks(encoder: torch.nn.Module, group: str):
+    """(path, module) of every block of `encoder` that is a `group` by its children's names:
+    a self-attention has q/k/v/out projections, an MLP fc1 and fc2, each a Linear."""
+    leaves = TEXT_GROUPS[group]
+    for path, module in encoder.named_modules():
+        children = dict(module.named_children())
+        if all(isinstance(children.get(leaf), torch.nn.Linear) for leaf in leaves):
+            yield path, module
+
+
+def lokr_targets(sdxl, lokr_cfg: dict, *, text_encoders: bool = True) -> dict[str, tuple[str, str]]:
+    """{LoKr module name: (network, group)} of every module the config's groups name, found from
+    the models' structure: what LyCORIS must wrap. Order: UNet, then text encoders 1 and 2."""
+    factors = check_factors(dict(lokr_cfg.get("factors", {})))
+    train_norm = bool(lokr_cfg.get("train_norm", False))
+    out: dict[str, tuple[str, str]] = {}
+    for block_path, block in sdxl.unet.named_modules():
+        group = type(block).__name__
+        if group not in UNET_BLOCKS:
+            continue
+        for path, module in block.named_modules():
+            inner = next((g for g in UNET_NESTED if _is_inside(block, path, g)), group)
+            if inner in factors and _wrapped(module, train_norm):
+                out.setdefault(naming_.lokr_name(f"{block_path}.{path}"), ("unet", inner))
+    modules = dict(sdxl.unet.named_modules())
+    for group, names in UNET_NAMES.items():
+        for name in names:
+            if group in factors and name in modules and _wrapped(modules[name], train_norm):
+                out[naming_.lokr_name(name)] = ("unet", group)
+    if text_encoders:
+        for k, encoder in enumerate(kohya_text_encoders(sdxl), start=1):
+            for group in TEXT_GROUPS:
+                if group not in factors:
+                    continue
+                for path, block in _text_blocks(encoder, group):
+                    for leaf in TEXT_GROUPS[group]:
+                        out[naming_.lokr_name(f"{path}.{leaf}", f"lora_te{k}_")] = (f"te{k}", group)
+    return out
+
+
+def _is_inside(block: torch.nn.Module, path: str, cls: str) -> bool:
+    """Whether the module at `path` under `block` is, or lies inside, a module of class `cls`."""
+    parts = path.split(".") if path else []
+    module = block
+    for part in parts:
+        module = getattr(module, part)
+        if type(module).__name__ == cls:
+            return True
+    return False
+
+
+def lokr_preset(sdxl, lokr_cfg: dict) -> dict:
+    """The LyCORIS preset of the config's network: target classes and names, a factor per group.
+
+    Valid for diffusers' SDXL UNet (ours) and sd-scripts' own, and for every transformers CLIP
+    attention class: stored in the LoKr's metadata, it recreates the network in either."""
+    factors = check_factors(dict(lokr_cfg.get("factors", {})))
+    lokr = lambda group: {"algo": "lokr", "factor": factors[group]}  # noqa: E731
+    text_classes = {g: set(KNOWN_TEXT_CLASSES[g]) for g in TEXT_GROUPS if g in factors}
+    for encoder in (sdxl.text_encoder_1, sdxl.text_encoder_2):
+        for group, classes in text_classes.items():
+            classes.update(type(block).__name__ for _, block in _text_blocks(encoder, group))
+    module_map, names, name_map = {}, [], {}
+    for group in UNET_NESTED + UNET_BLOCKS:
+        if group in factors:
+            for cls in (group, *SD_SCRIPTS_CLASSES.get(group, ())):
+                module_map[cls] = lokr(group)
+    for group, classes in text_classes.items():
+        module_map.update({cls: lokr(group) for cls in sorted(classes)})
+    for group in UNET_NAMES:
+        if group in factors:
+            for name in UNET_NAMES[group] + SD_SCRIPTS_NAMES[group]:
+                pattern = re.escape(name) + "$"
+                names.append(pattern)
+                name_map[pattern] = lokr(group)
+    blocks = [g for g in UNET_BLOCKS if g in factors]
+    if "Transformer2DModel" not in factors:  # attention / feed-forward alone: target them directly
+        blocks += [cls for g in UNET_NESTED if g in factors for cls in (g, *SD_SCRIPTS_CLASSES.get(g, ()))]
     return {
         "enable_conv": True,
-        "unet_target_module": list(UNET_TARGETS),
-        "unet_target_name": [],
-        "text_encoder_target_module": list(TEXT_TARGETS),
+        "unet_target_module": blocks,
+        "unet_target_name": names,
+        "text_encoder_target_module": sorted(c for classes in text_classes.values() for c in classes),
         "text_encoder_target_name": [],
-        "module_algo_map": {name: {"algo": "lokr", "factor": f} for name, f in factors.items()},
-        "name_algo_map": {},
+        "module_algo_map": module_map,
+        "name_algo_map": name_map,
         "use_fnmatch": False,
         "exclude_name": [],
     }
@@ -85,26 +185,46 @@ def lokr_preset(factors: dict[str, int]) -> dict:
 def create_lokr(sdxl, lokr_cfg: dict, *, text_encoders: bool = True) -> LycorisNetworkKohya:
     """Create the LoKr over `sdxl` from the config's [lokr] table and hook it into the models.
 
-    Full matrix (alpha = dim, so scale 1); one LoKr per Linear / Conv inside the UNet's
-    Attention, FeedForward, ResnetBlock2D blocks and the text encoders' CLIPAttention, CLIPMLP
-    blocks, factor by block class. Starts as an exact no-op (w2 is zero).
+    Full matrix (alpha = dim, so scale 1); one LoKr per Linear / Conv (and, with `train_norm`,
+    a norm offset per GroupNorm / LayerNorm) of the module groups `[lokr.factors]` names, with
+    the group's factor. Starts as an exact no-op (w2 and the norm offsets are zero). A group
+    that would wrap fewer modules than the models have is refused, naming it.
     """
     if not lokr_cfg.get("full_matrix", True):
-        raise HakubooruError("lokr.full_matrix = false is not supported: the recipe's LoKr is full "
-                             "matrix, and LyCORIS merges low-rank LoKr with its scale applied twice")
+        raise HakubooruError("lokr.full_matrix = false is not supported: the recipe's LoKr is full matrix")
+    targets = lokr_targets(sdxl, lokr_cfg, text_encoders=text_encoders)
     # The preset is class-level state in LyCORIS: set it right before each creation.
-    LycorisNetworkKohya.apply_preset(lokr_preset(dict(lokr_cfg.get("factors", {}))))
+    LycorisNetworkKohya.apply_preset(lokr_preset(sdxl, lokr_cfg))
     dim = FULL_MATRIX_DIM
     with quiet_lycoris():
         network = LycorisNetworkKohya(
             kohya_text_encoders(sdxl) if text_encoders else None, sdxl.unet,
             multiplier=1.0, lora_dim=dim, conv_lora_dim=dim, alpha=dim, conv_alpha=dim,
             network_module="lokr", full_matrix=True, factor=-1, decompose_both=False,
+            train_norm=bool(lokr_cfg.get("train_norm", False)),
             bypass_mode=bool(lokr_cfg.get("bypass_mode", False)),  # speed only: same weights, same files
             warn_on_unmatched=False,
         )
         network.apply_to(None, None, apply_text_encoder=text_encoders, apply_unet=True)
+    _check_coverage(network, targets)
     return network
+
+
+def _check_coverage(network, targets: dict[str, tuple[str, str]]) -> None:
+    """Every module the groups name is wrapped, and nothing else: else one line naming the group."""
+    made = {lora.lora_name for lora in network.loras}
+    for (net, group) in dict.fromkeys(targets.values()):
+        want = {n for n, ng in targets.items() if ng == (net, group)}
+        if not want <= made:
+            missing = sorted(want - made)
+            raise HakubooruError(f"LoKr group {group} ({net}) wraps {len(want) - len(missing)} of the {len(want)} "
+                                 f"modules it names, e.g. not {missing[0]}: this diffusers / transformers version "
+                                 "names its modules otherwise; please report it")
+    extra = sorted(made - targets.keys())
+    if extra:
+        raise HakubooruError(f"the LoKr wraps {len(extra)} module(s) no group names, e.g. {extra[0]}")
+    if not made:
+        raise HakubooruError("the LoKr wraps no module: [lokr.factors] names no group this model has")
 
 
 def lokr_param_groups(network, lr_unet: float, lr_text: float, weight_decay: float) -> list[dict]:

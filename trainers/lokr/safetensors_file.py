@@ -26,14 +26,14 @@ DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torc
 
 def header_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None,
                  dtype: torch.dtype | None = None) -> bytes:
-    """The length prefix and JSON header for `tensors` (cast to `dtype` if given) laid out in
-    sorted name order."""
+    """The length prefix and JSON header for `tensors` (floating ones cast to `dtype` if given)
+    laid out in sorted name order."""
     header, offset = {}, 0
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     for name in sorted(tensors):
         t = tensors[name]
-        kind = dtype or t.dtype
+        kind = stored_dtype(t, dtype)
         if kind not in DTYPES:
             raise ValueError(f"tensor {name}: dtype {kind} cannot be stored in safetensors here")
         size = t.numel() * kind.itemsize
@@ -44,9 +44,15 @@ def header_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | No
     return len(text).to_bytes(8, "little") + text
 
 
+def stored_dtype(t: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype `t` is stored in when a file is written in `dtype`: integer tensors (e.g.
+    CLIP's position_ids) keep theirs."""
+    return dtype if dtype is not None and t.is_floating_point() else t.dtype
+
+
 def tensor_bytes(t: torch.Tensor, dtype: torch.dtype | None = None) -> memoryview:
-    """The bytes `t` (cast to `dtype` if given) has in a safetensors file."""
-    t = t.detach().to("cpu", dtype or t.dtype).contiguous()
+    """The bytes `t` (if floating, cast to `dtype` if given) has in a safetensors file."""
+    t = t.detach().to("cpu", stored_dtype(t, dtype)).contiguous()
     return memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
 
 

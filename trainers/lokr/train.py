@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from hakubooru.errors import HakubooruError
+from hakubooru.manifest import write_atomic
 from hakubooru.rng import hash64
 from trainers.lokr import metadata, models, sampling
 from trainers.lokr.bucketing import make_buckets
@@ -29,7 +30,8 @@ from trainers.lokr.latents import encode_latents
 from trainers.lokr.distributed import Dist, all_reduce_grads, all_reduce_sum, barrier, init_distributed, shutdown
 from trainers.lokr.latent_cache import batch_dataset, cached_latents, open_cache
 from trainers.lokr.naming import to_diffusers
-from trainers.lokr.network import create_lokr, init_from_lokr, lokr_param_groups, lokr_state_dict, save_lokr
+from trainers.lokr.network import (create_lokr, init_from_lokr, lokr_param_groups, lokr_preset, lokr_state_dict,
+                                   save_lokr)
 from trainers.lokr.state import load_latest_state, save_state, state_dir
 from trainers.lokr.tblog import ScalarLog
 from trainers.lokr.text import encode_prompts
@@ -261,14 +263,16 @@ def lokr_metadata(run: Run) -> dict:
         world_size=run.dist.world_size, num_train_images=len(run.index), dataset_dir=run.shards.resolve().name,
         tags=run.tags, started_at=p.started_at, base_model_sha256=run.base_model_hash,
         dataset_fingerprint=run.index.fingerprint, output_name=run.output.resolve().name,
-        config_json=config_json(run.cfg))
+        config_json=config_json(run.cfg), preset=lokr_preset(run.sdxl, run.cfg["lokr"]),
+        cache_latents=run.latent_cache is not None)
 
 
 def write_lokr(run: Run, path: Path) -> Path:
     """Save the run's LoKr to `path` with its metadata, in the configured naming and dtype."""
     lc = run.cfg["lokr"]
-    return save_lokr(run.network, path, lokr_metadata(run), unet=run.sdxl.unet, dtype=lc["save_dtype"],
-                     naming=lc["naming"])
+    meta = lokr_metadata(run)
+    write_atomic(path.parent / metadata.PRESET_FILE, meta["lycoris_preset"].encode())  # ss_network_args' preset=
+    return save_lokr(run.network, path, meta, unet=run.sdxl.unet, dtype=lc["save_dtype"], naming=lc["naming"])
 
 
 # ---------------------------------------------------------------- the loop
