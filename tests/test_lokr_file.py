@@ -281,7 +281,13 @@ def test_merge_cli_in_a_fresh_process(trained, tmp_path, style):
     save_sdxl(tiny_sdxl(seed=0), config)
     torch.testing.assert_close(outputs(load_sdxl(out, config=config))[0], expected, **TOL)
     with safe_open(str(out), "pt") as f:
-        assert f.metadata()["modelspec.architecture"] == "stable-diffusion-xl-v1-base"
+        meta = f.metadata()
+        assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base"
+        # the two keys sd-scripts' sai_model_spec always writes: this LoKr file has no resolution
+        # of its own (saved outside a run), so SDXL's 1024²; the date in ISO 8601, UTC, whole seconds
+        assert meta["modelspec.resolution"] == "1024x1024"
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", meta["modelspec.date"])
+        assert f.get_tensor("conditioner.embedders.0.transformer.text_model.embeddings.position_ids").dtype == torch.int64
 
 
 # ---------------------------------------------------------------- a training run's file
