@@ -14,7 +14,7 @@ from tests.shardfactory import make_test_shards
 from tests.test_resume import tensors
 from tests.torch_threads import one_torch_thread  # noqa: F401  (autouse)
 from trainers.lokr.config import load_config
-from trainers.lokr.sampling import contact_sheet
+from trainers.lokr.sampling import contact_sheet, is_due
 from trainers.lokr.state import load_latest_state, state_dir
 from trainers.lokr.train import train
 
@@ -109,3 +109,18 @@ def test_tiling_starts_above_1024_squared_pixels():
 
     assert not 1024 * 1024 > TILE_ABOVE
     assert 40 * 26216 == 1024 ** 2 + 64 and 40 * 26216 > TILE_ABOVE
+
+
+def test_at_end_decides_the_render_after_the_last_step():
+    def due(overrides, total):
+        cfg = load_config("tiny", overrides)
+        return [step for step in range(1, total + 1) if is_due(cfg, step, total)]
+
+    assert due(["sample.every=3"], 7) == [3, 6, 7]
+    assert due(["sample.every=3", "sample.at_end=false"], 7) == [3, 6]
+    assert due(["sample.every=3"], 6) == [3, 6]
+    assert due(["sample.every=0"], 7) == due(["sample.every=0", "sample.at_end=true"], 7) == []
+    with pytest.raises(HakubooruError, match="'sample.at_end' must be bool"):
+        load_config("tiny", ["sample.at_end=1"])
+    with pytest.raises(HakubooruError, match="did you mean 'sample.at_end'"):
+        load_config("tiny", ["sample.at_ends=false"])

@@ -1,6 +1,6 @@
 """Sample images during training (config ``[sample]``): every ``sample.every`` optimizer steps
-and at the end, rank 0 renders the configured prompts with the current LoKr applied and writes
-``samples/<step>-<k>.png`` plus a contact sheet ``samples/<step>-sheet.png``.
+and at the end (``sample.at_end``), rank 0 renders the configured prompts with the current LoKr
+applied and writes ``samples/<step>-<k>.png`` plus a contact sheet ``samples/<step>-sheet.png``.
 
 The images come from diffusers' ``StableDiffusionXLPipeline`` built on the training components
 themselves (no second copy of any model); the prompts are encoded by the trainer's own
@@ -40,8 +40,8 @@ def prompt_settings(sample_cfg: dict) -> list[dict]:
 
 def is_due(cfg: dict, step: int, total_steps: int) -> bool:
     """Whether samples are rendered after optimizer step ``step``."""
-    every = cfg["sample"]["every"]
-    return every > 0 and bool(cfg["sample"]["prompts"]) and (step % every == 0 or step == total_steps)
+    s = cfg["sample"]
+    return s["every"] > 0 and bool(s["prompts"]) and (step % s["every"] == 0 or (s["at_end"] and step == total_steps))
 
 
 def maybe_render(run, step: int) -> dict:
