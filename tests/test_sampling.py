@@ -13,8 +13,9 @@ from hakubooru.errors import HakubooruError
 from tests.shardfactory import make_test_shards
 from tests.test_resume import tensors
 from tests.torch_threads import one_torch_thread  # noqa: F401  (autouse)
+from trainers.lokr import models
 from trainers.lokr.config import load_config
-from trainers.lokr.sampling import contact_sheet, is_due
+from trainers.lokr.sampling import contact_sheet, is_due, render
 from trainers.lokr.state import load_latest_state, state_dir
 from trainers.lokr.train import train
 
@@ -124,3 +125,20 @@ def test_at_end_decides_the_render_after_the_last_step():
         load_config("tiny", ["sample.at_end=1"])
     with pytest.raises(HakubooruError, match="did you mean 'sample.at_end'"):
         load_config("tiny", ["sample.at_ends=false"])
+
+
+@pytest.fixture(scope="module")
+def sdxl():
+    return models.tiny_sdxl(seed=0)
+
+
+def test_a_render_announces_itself(sdxl, tmp_path, capsys):
+    # three prompts: the section's 64x64 and 1 step, one at 96 wide, one with 2 steps
+    prompts = '[{prompt = "a"}, {prompt = "b", width = 96}, {prompt = "c", steps = 2}]'
+    cfg = load_config("tiny", ["sample.steps=1", f"sample.prompts={prompts}"])
+    paths = render(sdxl, cfg, tmp_path / "samples", 5, "cpu")
+    assert [p.name for p in paths] == ["00000005-0.png", "00000005-1.png", "00000005-2.png", "00000005-sheet.png"]
+    lines = capsys.readouterr().err.splitlines()
+    assert (f"rendering 3 sample prompts (64x64, 96x64; 1, 2 steps, EulerAncestralDiscreteScheduler) "
+            f"with the LoKr at step 5 on tiny -> {tmp_path / 'samples'}/") in lines
+    assert not any("sample 1/3" in x for x in lines)  # no progress bar: stderr is not a terminal here

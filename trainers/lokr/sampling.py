@@ -9,15 +9,19 @@ precision, the VAE decodes in fp32 (tiled for large images). Nothing a training 
 touched: every draw comes from the prompt's own generator inside ``torch.random.fork_rng``,
 module train/eval modes are put back, and it all runs under ``no_grad`` — so a run with
 sampling ends bitwise identical to one without.
+
+A render says what it renders: one line, then a progress bar per image on a terminal.
 """
 from __future__ import annotations
 
 import contextlib
 import importlib
+import sys
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
+from tqdm import tqdm
 
 from hakubooru.errors import HakubooruError
 from trainers.lokr.distributed import barrier
@@ -59,6 +63,15 @@ def maybe_render(run, step: int) -> dict:
     return logged
 
 
+def announce(cfg: dict, step: int, folder: Path) -> str:
+    """The line printed before a render: prompts, sizes, steps, sampler, step, model, folder."""
+    settings = prompt_settings(cfg["sample"])
+    sizes = ", ".join(dict.fromkeys(f"{p['width']}x{p['height']}" for p in settings))
+    steps = ", ".join(dict.fromkeys(str(p["steps"]) for p in settings))
+    return (f"rendering {len(settings)} sample prompt{'s' if len(settings) != 1 else ''} ({sizes}; {steps} steps, "
+            f"{cfg['sample']['sampler']}) with the LoKr at step {step} on {cfg['model']['pretrained']} -> {folder}/")
+
+
 @contextlib.contextmanager
 def _inference_modes(*models):
     """Every submodule in eval mode for the block, then each back in its own mode."""
@@ -86,14 +99,17 @@ def render(sdxl, cfg: dict, folder: Path, step: int, device) -> list[Path]:
         vae=sdxl.vae, text_encoder=sdxl.text_encoder_1, text_encoder_2=sdxl.text_encoder_2,
         tokenizer=sdxl.tokenizer_1, tokenizer_2=sdxl.tokenizer_2, unet=sdxl.unet,
         scheduler=scheduler_class.from_config(sdxl.noise_scheduler.config), add_watermarker=False)
-    pipe.set_progress_bar_config(disable=True)
     folder.mkdir(parents=True, exist_ok=True)
+    tqdm.write(announce(cfg, step, folder), file=sys.stderr)
     max_windows = cfg["data"]["max_windows"]
+    settings = prompt_settings(cfg["sample"])
     images, paths = [], []
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), torch.no_grad(), \
             _inference_modes(sdxl.unet, sdxl.text_encoder_1, sdxl.text_encoder_2, sdxl.vae):
-        for k, p in enumerate(prompt_settings(cfg["sample"])):
+        for k, p in enumerate(settings):
+            pipe.set_progress_bar_config(disable=not sys.stderr.isatty(), leave=False,
+                                         desc=f"sample {k + 1}/{len(settings)}")
             with torch.autocast(**amp):
                 context, pooled = encode_prompts(sdxl, [p["prompt"], p["negative_prompt"]],
                                                  max_windows=max_windows)
