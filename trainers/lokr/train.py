@@ -336,6 +336,7 @@ def _loop(run: Run) -> dict:
 
     bar = tqdm(total=run.total_steps, initial=p.step, unit="step", disable=not d.is_main, dynamic_ncols=True)
     loss_value, start_step, start_time = float("nan"), p.step, time.perf_counter()
+    saved = None  # the step of this run's last state
     try:
         while p.step < run.total_steps and stop["signal"] is None:
             if p.cursor >= usable:
@@ -406,15 +407,19 @@ def _loop(run: Run) -> dict:
                 if totals[2] > 0:
                     stop["signal"] = stop["signal"] or "a signal on another rank"
                     break
-                # the step's files before its samples: a render cut short finds them written
+                # the step's files before its samples: a stop during the render finds them written
                 if p.step % tc["checkpoint_every"] == 0 and d.is_main and p.step < run.total_steps:
                     write_lokr(run, run.output / f"lokr-{p.step:08d}.safetensors")
                 if p.step % tc["save_every"] == 0 or p.step == run.total_steps:
                     _write_state(run, kill_after)
-                samples = sampling.maybe_render(run, p.step)  # {} unless due; rank 0 renders
+                    saved = p.step
+                samples, stopping = sampling.maybe_render(run, p.step, lambda: stop["signal"] is not None)
                 if samples and d.is_main:
                     _append_line(metrics_path, {**line, **samples}, at=line_at)  # the step's line, with them
-        if stop["signal"] is not None:
+                if stopping:
+                    stop["signal"] = stop["signal"] or "a signal on another rank"
+                    break
+        if stop["signal"] is not None and saved != p.step:
             _write_state(run, kill_after)
     finally:
         bar.close()
