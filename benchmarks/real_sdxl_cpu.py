@@ -117,7 +117,8 @@ def main(argv=None) -> int:
                   "--set", "data.resolution=256", "--set", "data.bucket_min=128",
                   "--set", "data.bucket_max=512", "--set", "optimizer.warmup_steps=0",
                   "--set", "optimizer.lr_unet=1e-3", "--set", "optimizer.lr_text=1e-3",
-                  "--set", "sample.every=0"]  # the recipe's 1024² sample renders would dominate a CPU run
+                  # no sample renders, none at the end either: the recipe's 1024² ones would dominate
+                  "--set", "sample.every=0", "--set", "sample.at_end=false"]
     lokrs = {}
     for name, pretrained, extra in (("folder", folder, []),
                                     ("file", single, ["--set", f"model.config={configs}"])):

@@ -1,8 +1,16 @@
 """Sample images during training ([sample]): the files appear as configured, and sampling leaves
-the training bitwise untouched, with and without a resume in between."""
+the training bitwise untouched, with and without a resume in between; a render says what it
+renders and stops within a block when the run is asked to stop."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,11 +19,13 @@ from safetensors.torch import load_file
 
 from hakubooru.errors import HakubooruError
 from tests.shardfactory import make_test_shards
-from tests.test_resume import tensors
+from tests.test_resume import REPO, run_cli, tensors
 from tests.torch_threads import one_torch_thread  # noqa: F401  (autouse)
+from trainers.lokr import models
 from trainers.lokr.config import load_config
-from trainers.lokr.sampling import contact_sheet
-from trainers.lokr.state import load_latest_state, state_dir
+from trainers.lokr.distributed import Dist
+from trainers.lokr.sampling import contact_sheet, is_due, maybe_render, render
+from trainers.lokr.state import list_states, load_latest_state, state_dir
 from trainers.lokr.train import train
 
 STEPS = ["train.max_steps=4", "train.save_every=2"]
@@ -109,3 +119,122 @@ def test_tiling_starts_above_1024_squared_pixels():
 
     assert not 1024 * 1024 > TILE_ABOVE
     assert 40 * 26216 == 1024 ** 2 + 64 and 40 * 26216 > TILE_ABOVE
+
+
+def test_at_end_decides_the_render_after_the_last_step(tmp_path):
+    def due(overrides, total):
+        cfg = load_config("tiny", overrides)
+        return [step for step in range(1, total + 1) if is_due(cfg, step, total)]
+
+    assert due(["sample.every=3"], 7) == [3, 6, 7]
+    assert due(["sample.every=3", "sample.at_end=false"], 7) == [3, 6]
+    assert due(["sample.every=3"], 6) == [3, 6]
+    assert due(["sample.every=0"], 7) == due(["sample.every=0", "sample.at_end=true"], 7) == []
+    # not due: nothing rendered, no collective, no stop
+    run = SimpleNamespace(cfg=load_config("tiny", ["sample.every=3", "sample.at_end=false"]), total_steps=7,
+                          dist=Dist(0, 1, 0, torch.device("cpu")), output=tmp_path, sdxl=None)
+    assert maybe_render(run, 7) == ({}, False) and not (tmp_path / "samples").exists()
+    with pytest.raises(HakubooruError, match="'sample.at_end' must be bool"):
+        load_config("tiny", ["sample.at_end=1"])
+    with pytest.raises(HakubooruError, match="did you mean 'sample.at_end'"):
+        load_config("tiny", ["sample.at_ends=false"])
+
+
+@pytest.fixture(scope="module")
+def sdxl():
+    return models.tiny_sdxl(seed=0)
+
+
+def test_a_render_announces_itself(sdxl, tmp_path, capsys):
+    # three prompts: the section's 64x64 and 1 step, one at 96 wide, one with 2 steps
+    prompts = '[{prompt = "a"}, {prompt = "b", width = 96}, {prompt = "c", steps = 2}]'
+    cfg = load_config("tiny", ["sample.steps=1", f"sample.prompts={prompts}"])
+    paths = render(sdxl, cfg, tmp_path / "samples", 5, "cpu")
+    assert [p.name for p in paths] == ["00000005-0.png", "00000005-1.png", "00000005-2.png", "00000005-sheet.png"]
+    lines = capsys.readouterr().err.splitlines()
+    assert (f"rendering 3 sample prompts (64x64, 96x64; 1, 2 steps, EulerAncestralDiscreteScheduler) "
+            f"with the LoKr at step 5 on tiny -> {tmp_path / 'samples'}/") in lines
+    assert not any("sample 1/3" in x for x in lines)  # no progress bar: stderr is not a terminal here
+
+
+def test_a_stop_ends_a_render_within_a_block(sdxl, tmp_path):
+    cfg = load_config("tiny", ["sample.every=1", "sample.steps=50"])  # 2 prompts x 50 steps if not stopped
+    stop = {"set": False}
+    calls = {"unet": 0}
+
+    def count_and_stop(_module, _args, _out):  # the signal arrives during the first UNet call
+        calls["unet"] += 1
+        stop["set"] = True
+
+    hook = sdxl.unet.register_forward_hook(count_and_stop)
+    modes = [m.training for m in sdxl.unet.modules()]
+    rng = torch.get_rng_state()
+    try:
+        assert render(sdxl, cfg, tmp_path / "direct", 1, "cpu", lambda: stop["set"]) is None
+        assert calls["unet"] == 1 and not list((tmp_path / "direct").glob("*.png"))
+        # through maybe_render: nothing to log, and the stop is reported
+        stop["set"], calls["unet"] = False, 0
+        run = SimpleNamespace(cfg=cfg, total_steps=1, dist=Dist(0, 1, 0, torch.device("cpu")), output=tmp_path,
+                              sdxl=sdxl)
+        assert maybe_render(run, 1, lambda: stop["set"]) == ({}, True)
+        assert calls["unet"] == 1 and not list((tmp_path / "samples").glob("*.png"))
+        # a stop during the VAE decode (in its middle block): the image is not written either
+        stop["set"] = False
+        hook.remove()
+        hook = sdxl.vae.decoder.mid_block.register_forward_pre_hook(lambda *_: stop.update(set=True))
+        cfg = load_config("tiny", ["sample.steps=2", 'sample.prompts=[{prompt = "a"}]'])
+        assert render(sdxl, cfg, tmp_path / "decode", 1, "cpu", lambda: stop["set"]) is None
+        assert not list((tmp_path / "decode").glob("*.png"))
+    finally:
+        hook.remove()
+    # the render's own hooks are gone, modes and the random state are as they were
+    assert all(not m._forward_pre_hooks for m in [*sdxl.unet.modules(), *sdxl.vae.modules()])
+    assert [m.training for m in sdxl.unet.modules()] == modes and torch.equal(torch.get_rng_state(), rng)
+
+
+def test_sigterm_during_a_render_stops_the_run_at_that_step(shards, tmp_path):
+    """Render at step 2 with 2000 denoising steps per prompt (over a minute on the tiny model);
+    SIGTERM once it has started. The state of step 2 is on disk before the render (save_every=2),
+    the run stops at step 2 without writing it again, and a resume finishes the run."""
+    out = tmp_path / "run"
+    args = ["--config", "tiny", "--shards", str(shards), "--max-steps", "4", "--set", "train.save_every=2",
+            "--set", "sample.every=2"]
+    proc = subprocess.Popen([sys.executable, "-m", "trainers.lokr", *args, "--output", str(out),
+                             "--set", "sample.steps=2000"], cwd=REPO, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    err, rendering = [], threading.Event()
+
+    def read():
+        for chunk in iter(lambda: proc.stderr.read(1), ""):
+            err.append(chunk)
+            if chunk == "\n" and "rendering 2 sample prompts" in "".join(err[-300:]):
+                rendering.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert rendering.wait(300), "".join(err)[-2000:]
+        state = out / "states" / "state-00000002.state"
+        before = state.stat()
+        time.sleep(1)  # into the denoising
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)  # did not hang on: 2 x 2000 steps take minutes
+    finally:
+        proc.kill()
+        reader.join(10)
+    err = "".join(err)
+    assert proc.returncode == 0, err[-2000:]
+    assert f"stopped by SIGTERM at step 2; resume with --resume {out}" in err
+    assert [p.name for p in list_states(out / "states")] == ["state-00000002.state"]
+    after = state.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)  # written once
+    assert not (out / "samples" / "00000002-sheet.png").exists() and not (out / "lokr.safetensors").exists()
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2] and "samples" not in lines[1]
+
+    done = run_cli([*args, "--resume", str(out), "--set", "sample.steps=2"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"resuming from {out / 'states' / 'state-00000002.state'}: step 2," in done.stderr
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2, 3, 4]
+    assert lines[3]["sample_sheet"] == "samples/00000004-sheet.png" and (out / "lokr.safetensors").exists()

@@ -25,9 +25,9 @@ BUNDLED = sorted(p.stem for p in CONFIG_DIR.glob("*.toml"))
 
 # Keys whose change cannot alter the result of a resumed run: accepted on resume without a flag.
 FREE_ON_RESUME = {"data.workers", "train.save_every", "train.keep_states", "train.checkpoint_every",
-                  "train.max_nonfinite_in_row", "lokr.naming", "train.log_with", "sample.every", "sample.sampler",
-                  "sample.width", "sample.height", "sample.steps", "sample.guidance", "sample.negative_prompt",
-                  "sample.prompts"}
+                  "train.max_nonfinite_in_row", "lokr.naming", "train.log_with", "sample.every", "sample.at_end",
+                  "sample.sampler", "sample.width", "sample.height", "sample.steps", "sample.guidance",
+                  "sample.negative_prompt", "sample.prompts"}
 # Keys that only decide how long the run goes on: accepted on resume with --allow-config-change.
 SAFE_ON_RESUME = {"train.max_steps", "train.epochs"}
 

@@ -1,6 +1,6 @@
 """Sample images during training (config ``[sample]``): every ``sample.every`` optimizer steps
-and at the end, rank 0 renders the configured prompts with the current LoKr applied and writes
-``samples/<step>-<k>.png`` plus a contact sheet ``samples/<step>-sheet.png``.
+and at the end (``sample.at_end``), rank 0 renders the configured prompts with the current LoKr
+applied and writes ``samples/<step>-<k>.png`` plus a contact sheet ``samples/<step>-sheet.png``.
 
 The images come from diffusers' ``StableDiffusionXLPipeline`` built on the training components
 themselves (no second copy of any model); the prompts are encoded by the trainer's own
@@ -9,22 +9,29 @@ precision, the VAE decodes in fp32 (tiled for large images). Nothing a training 
 touched: every draw comes from the prompt's own generator inside ``torch.random.fork_rng``,
 module train/eval modes are put back, and it all runs under ``no_grad`` — so a run with
 sampling ends bitwise identical to one without.
+
+A render says what it renders (one line, then a progress bar per image on a terminal) and stops
+within one UNet or VAE block when the run is asked to stop (SIGINT/SIGTERM): a forward pre-hook
+on those blocks ends it, leaving the images already finished and no sheet.
 """
 from __future__ import annotations
 
 import contextlib
 import importlib
+import sys
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
+from tqdm import tqdm
 
 from hakubooru.errors import HakubooruError
-from trainers.lokr.distributed import barrier
+from trainers.lokr.distributed import all_reduce_sum
 from trainers.lokr.text import encode_prompts
 
 PROMPT_KEYS = ("prompt", "seed", "width", "height", "steps", "guidance", "negative_prompt")
 TILE_ABOVE = 1024 * 1024  # pixels: decode larger images tile by tile
+STOP_BLOCKS = ("ResnetBlock2D", "BasicTransformerBlock")  # where a render checks for a stop
 
 
 def prompt_settings(sample_cfg: dict) -> list[dict]:
@@ -40,23 +47,56 @@ def prompt_settings(sample_cfg: dict) -> list[dict]:
 
 def is_due(cfg: dict, step: int, total_steps: int) -> bool:
     """Whether samples are rendered after optimizer step ``step``."""
-    every = cfg["sample"]["every"]
-    return every > 0 and bool(cfg["sample"]["prompts"]) and (step % every == 0 or step == total_steps)
+    s = cfg["sample"]
+    return s["every"] > 0 and bool(s["prompts"]) and (step % s["every"] == 0 or (s["at_end"] and step == total_steps))
 
 
-def maybe_render(run, step: int) -> dict:
-    """Render the samples of ``step`` if due (rank 0; the other ranks wait at a barrier).
-    Returns what to add to the step's metrics line: ``{"samples": [...], "sample_sheet": ...}``
-    (paths relative to the run folder), or ``{}``."""
+def maybe_render(run, step: int, stopping=lambda: False) -> tuple[dict, bool]:
+    """Render the samples of ``step`` if due (rank 0; the other ranks wait), stopping early
+    once ``stopping()`` is true. Returns what to add to the step's metrics line
+    (``{"samples": [...], "sample_sheet": ...}``, paths relative to the run folder, or ``{}``) and
+    whether any rank was asked to stop meanwhile (the same answer on every rank)."""
     if not is_due(run.cfg, step, run.total_steps):
-        return {}
+        return {}, False
     logged = {}
     if run.dist.is_main:
-        paths = render(run.sdxl, run.cfg, run.output / "samples", step, run.dist.device)
-        logged = {"samples": [str(p.relative_to(run.output)) for p in paths[:-1]],
-                  "sample_sheet": str(paths[-1].relative_to(run.output))}
-    barrier(run.dist)
-    return logged
+        paths = render(run.sdxl, run.cfg, run.output / "samples", step, run.dist.device, stopping)
+        if paths is not None:
+            logged = {"samples": [str(p.relative_to(run.output)) for p in paths[:-1]],
+                      "sample_sheet": str(paths[-1].relative_to(run.output))}
+    stop = torch.tensor([float(stopping())], dtype=torch.float64, device=run.dist.device)
+    all_reduce_sum(stop, run.dist)  # the other ranks wait here, and every rank learns of a stop
+    return logged, bool(stop.item() > 0)
+
+
+class _Stopped(Exception):
+    """Raised inside the UNet or the VAE to end a render early."""
+
+
+@contextlib.contextmanager
+def _stop_points(stopping, *models):
+    """Forward pre-hooks on each model and its ``STOP_BLOCKS`` that raise ``_Stopped`` once
+    ``stopping()`` is true (a real SDXL step on a CPU takes a minute; a block, seconds)."""
+    def check(_module, _args):
+        if stopping():
+            raise _Stopped
+
+    handles = [m.register_forward_pre_hook(check) for model in models for m in model.modules()
+               if m is model or type(m).__name__ in STOP_BLOCKS]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def announce(cfg: dict, step: int, folder: Path) -> str:
+    """The line printed before a render: prompts, sizes, steps, sampler, step, model, folder."""
+    settings = prompt_settings(cfg["sample"])
+    sizes = ", ".join(dict.fromkeys(f"{p['width']}x{p['height']}" for p in settings))
+    steps = ", ".join(dict.fromkeys(str(p["steps"]) for p in settings))
+    return (f"rendering {len(settings)} sample prompt{'s' if len(settings) != 1 else ''} ({sizes}; {steps} steps, "
+            f"{cfg['sample']['sampler']}) with the LoKr at step {step} on {cfg['model']['pretrained']} -> {folder}/")
 
 
 @contextlib.contextmanager
@@ -72,9 +112,10 @@ def _inference_modes(*models):
             m.training = mode
 
 
-def render(sdxl, cfg: dict, folder: Path, step: int, device) -> list[Path]:
+def render(sdxl, cfg: dict, folder: Path, step: int, device, stopping=lambda: False) -> list[Path] | None:
     """Render the prompts of ``cfg["sample"]`` into ``folder``: ``<step>-<k>.png`` for each
-    prompt, then ``<step>-sheet.png``; returns those paths (sheet last)."""
+    prompt, then ``<step>-sheet.png``; returns those paths (sheet last), or None when
+    ``stopping()`` turned true first (the finished images stay, no sheet is written)."""
     from diffusers import StableDiffusionXLPipeline
 
     device = torch.device(device)
@@ -86,31 +127,40 @@ def render(sdxl, cfg: dict, folder: Path, step: int, device) -> list[Path]:
         vae=sdxl.vae, text_encoder=sdxl.text_encoder_1, text_encoder_2=sdxl.text_encoder_2,
         tokenizer=sdxl.tokenizer_1, tokenizer_2=sdxl.tokenizer_2, unet=sdxl.unet,
         scheduler=scheduler_class.from_config(sdxl.noise_scheduler.config), add_watermarker=False)
-    pipe.set_progress_bar_config(disable=True)
     folder.mkdir(parents=True, exist_ok=True)
+    tqdm.write(announce(cfg, step, folder), file=sys.stderr)
     max_windows = cfg["data"]["max_windows"]
+    settings = prompt_settings(cfg["sample"])
     images, paths = [], []
     devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), torch.no_grad(), \
-            _inference_modes(sdxl.unet, sdxl.text_encoder_1, sdxl.text_encoder_2, sdxl.vae):
-        for k, p in enumerate(prompt_settings(cfg["sample"])):
-            with torch.autocast(**amp):
-                context, pooled = encode_prompts(sdxl, [p["prompt"], p["negative_prompt"]],
-                                                 max_windows=max_windows)
-                latents = pipe(prompt_embeds=context[:1], pooled_prompt_embeds=pooled[:1],
-                               negative_prompt_embeds=context[1:], negative_pooled_prompt_embeds=pooled[1:],
-                               width=p["width"], height=p["height"], num_inference_steps=p["steps"],
-                               guidance_scale=p["guidance"], output_type="latent",
-                               generator=torch.Generator().manual_seed(p["seed"])).images
-            image = _decode(sdxl.vae, latents, p["width"] * p["height"] > TILE_ABOVE)
-            pil = pipe.image_processor.postprocess(image, output_type="pil")[0]
-            path = folder / f"{step:08d}-{k}.png"
-            pil.save(path)
-            images.append(pil)
-            paths.append(path)
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), \
+                _inference_modes(sdxl.unet, sdxl.text_encoder_1, sdxl.text_encoder_2, sdxl.vae), \
+                _stop_points(stopping, sdxl.unet, sdxl.vae.decoder):
+            for k, p in enumerate(settings):
+                pipe.set_progress_bar_config(disable=not sys.stderr.isatty(), leave=False,
+                                             desc=f"sample {k + 1}/{len(settings)}")
+                images.append(_render_one(pipe, sdxl, p, amp, max_windows))
+                paths.append(folder / f"{step:08d}-{k}.png")
+                images[-1].save(paths[-1])
+    except _Stopped:
+        return None
     sheet = folder / f"{step:08d}-sheet.png"
     contact_sheet(images, [f"step {step} · {k}" for k in range(len(images))]).save(sheet)
     return paths + [sheet]
+
+
+def _render_one(pipe, sdxl, p: dict, amp: dict, max_windows: int) -> Image.Image:
+    """One prompt's image: denoise under the training autocast, decode in fp32."""
+    with torch.autocast(**amp):
+        context, pooled = encode_prompts(sdxl, [p["prompt"], p["negative_prompt"]], max_windows=max_windows)
+        latents = pipe(prompt_embeds=context[:1], pooled_prompt_embeds=pooled[:1],
+                       negative_prompt_embeds=context[1:], negative_pooled_prompt_embeds=pooled[1:],
+                       width=p["width"], height=p["height"], num_inference_steps=p["steps"],
+                       guidance_scale=p["guidance"], output_type="latent",
+                       generator=torch.Generator().manual_seed(p["seed"])).images
+    image = _decode(sdxl.vae, latents, p["width"] * p["height"] > TILE_ABOVE)
+    return pipe.image_processor.postprocess(image, output_type="pil")[0]
 
 
 def _decode(vae, latents: torch.Tensor, tiled: bool) -> torch.Tensor:

@@ -340,6 +340,7 @@ def _loop(run: Run) -> dict:
 
     bar = tqdm(total=run.total_steps, initial=p.step, unit="step", disable=not d.is_main, dynamic_ncols=True)
     loss_value, start_step, start_time = float("nan"), p.step, time.perf_counter()
+    saved = None  # the step of this run's last state
     try:
         while p.step < run.total_steps and stop["signal"] is None:
             if p.cursor >= usable:
@@ -398,14 +399,11 @@ def _loop(run: Run) -> dict:
                 finite_micro = d.world_size * accum - float(totals[1]) - float(totals[4])
                 loss_value = float(totals[0]) / finite_micro if finite_micro else float("nan")
                 images_per_s = images_per_step / (time.perf_counter() - step_time)
-                samples = sampling.maybe_render(run, p.step)  # {} unless due; rank 0 renders
+                line = {"step": p.step, "epoch": p.epoch, "loss": _finite_or_none(loss_value),
+                        "lr_unet": group_lr(optimizer, "unet"), "lr_text": group_lr(optimizer, "text"),
+                        "grad_norm": _finite_or_none(grad_norm), "images_per_s": images_per_s, "skipped": p.skipped}
                 if d.is_main:
-                    line = {"step": p.step, "epoch": p.epoch, "loss": _finite_or_none(loss_value),
-                            "lr_unet": group_lr(optimizer, "unet"), "lr_text": group_lr(optimizer, "text"),
-                            "grad_norm": _finite_or_none(grad_norm), "images_per_s": images_per_s,
-                            "skipped": p.skipped, **samples}
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(line) + "\n")
+                    line_at = _append_line(metrics_path, line)
                     scalars.write(line)
                     bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{optimizer.param_groups[-1]['lr']:.2e}",
                                     img_s=f"{images_per_s:.2f}", refresh=False)
@@ -413,11 +411,19 @@ def _loop(run: Run) -> dict:
                 if totals[2] > 0:
                     stop["signal"] = stop["signal"] or "a signal on another rank"
                     break
+                # the step's files before its samples: a stop during the render finds them written
                 if p.step % tc["checkpoint_every"] == 0 and d.is_main and p.step < run.total_steps:
                     write_lokr(run, run.output / f"lokr-{p.step:08d}.safetensors")
                 if p.step % tc["save_every"] == 0 or p.step == run.total_steps:
                     _write_state(run, kill_after)
-        if stop["signal"] is not None:
+                    saved = p.step
+                samples, stopping = sampling.maybe_render(run, p.step, lambda: stop["signal"] is not None)
+                if samples and d.is_main:
+                    _append_line(metrics_path, {**line, **samples}, at=line_at)  # the step's line, with them
+                if stopping:
+                    stop["signal"] = stop["signal"] or "a signal on another rank"
+                    break
+        if stop["signal"] is not None and saved != p.step:
             _write_state(run, kill_after)
     finally:
         bar.close()
@@ -457,6 +463,18 @@ def _write_state(run: Run, kill_after: int) -> None:
     barrier(run.dist)
     if run.progress.step == kill_after:  # test hook: die the hardest way right after the write
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _append_line(path: Path, line: dict, at: int | None = None) -> int:
+    """Append ``line`` to ``path`` as JSON, or write it over the file's last line, which starts at
+    offset ``at``; returns the offset where it starts."""
+    with open(path, "a" if at is None else "r+") as f:
+        if at is not None:
+            f.seek(at)
+        start = f.tell()
+        f.write(json.dumps(line) + "\n")
+        f.truncate()
+    return start
 
 
 def _trim_metrics(path: Path, step: int) -> None:
