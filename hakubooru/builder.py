@@ -12,6 +12,7 @@ import concurrent.futures as cf
 import functools
 import json
 import multiprocessing
+import os
 import sys
 import time
 from collections import Counter
@@ -27,6 +28,7 @@ from .captioner import Captioner
 from .db import fingerprint, open_db
 from .errors import HakubooruError
 from .images import IMAGE_EXTS, OWN_FORMAT, BadImage, ImagePolicy, prepare
+from .procs import die_with_parent
 from .selector import Selection, load_selection
 from .shardwriter import CHECKSUM, ShardWriter, member_hash
 from .sources import ImageSource, MemberReader
@@ -270,7 +272,8 @@ def _count(result: BuildResult, sidecar: dict) -> None:
 
 def _pool(workers: int) -> cf.ProcessPoolExecutor:
     # fork: `python -m hakubooru` cannot be re-imported by spawned children
-    return cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+    return cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                                  initializer=die_with_parent, initargs=(os.getpid(),))
 
 
 def _verify(out: Path, shards: list, workers: int):

@@ -2,8 +2,10 @@
 item i is the whole collated micro-batch i (pixels, augmented captions, SDXL time ids)."""
 from __future__ import annotations
 
+import functools
 import io
 import json
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +20,7 @@ from PIL import Image
 from hakubooru.errors import HakubooruError
 from hakubooru.shardfolder import shard_folder
 from hakubooru.images import to_rgb
+from hakubooru.procs import die_with_parent
 from hakubooru.rng import hash64, hash64_array, uniform
 from trainers.lokr.augment import GROUPS, augment_caption, augment_text
 from trainers.lokr.bucketing import assign_buckets, crop_box
@@ -311,10 +314,16 @@ def _pixels(image: Image.Image) -> torch.Tensor:
 def make_loader(dataset: BatchDataset, start: int = 0, workers: int = 0):
     """An iterable over batches ``start, start+1, …`` of ``dataset`` (a DataLoader with
     ``batch_size=None``: they come collated). Resuming at batch k costs O(1): nothing before k is
-    read. A HakubooruError raised in a worker process arrives as its own one line."""
+    read. A HakubooruError raised in a worker process arrives as its own one line; a worker
+    ends at once when this process dies, even by SIGKILL."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, sampler=range(start, len(dataset)),
-                                         num_workers=workers)
+                                         num_workers=workers,
+                                         worker_init_fn=functools.partial(_init_worker, os.getpid()))
     return _one_line_errors(loader) if workers else loader
+
+
+def _init_worker(parent_pid: int, worker_id: int) -> None:
+    die_with_parent(parent_pid)
 
 
 def _one_line_errors(loader):
