@@ -84,6 +84,15 @@ def assert_workers_die_with_parent(cmd: list[str], log: Path, ready=lambda: True
             os.kill(child[0], signal.SIGKILL)
 
 
+@pytest.mark.parametrize("platform", ["linux", "darwin"])  # prctl, or the polling thread
+def test_a_worker_whose_parent_is_already_gone_ends_at_once(platform):
+    # the parent died before the worker's prctl: the worker's parent pid is no longer the expected one
+    code = ("import os, sys, time; from hakubooru.procs import die_with_parent; "
+            f"sys.platform = {platform!r}; die_with_parent(os.getppid() + 1); time.sleep(3); print('alive')")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout) == (1, "")
+
+
 def test_build_workers_die_with_the_build(synth_demo, tmp_path):
     db, images = synth_demo
     Selector.all().save(tmp_path / "all.parquet", open_db(db))

@@ -3,3 +3,7 @@ import logging
 
 # bitsandbytes' CPU backend warns on import about a 4-bit GEMM kernel that Lion8bit never uses
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+# transformers says once per image processor that torchvision is missing when diffusers' SDXL
+# pipeline imports CLIP's and SigLIP's (sampling, save_sdxl); nothing here uses one
+logging.getLogger("transformers.utils.import_utils").addFilter(
+    lambda record: "requires torchvision (not installed)" not in record.getMessage())
