@@ -461,7 +461,7 @@ def test_dataset_and_model_hash_metadata_by_hand(tmp_path):
     meta = lokr_metadata(cfg, step=3, epoch=0, total_steps=3, batches_per_epoch=4, world_size=1,
                          num_train_images=16, dataset_dir="shards", tags={"sky": 2}, started_at=1700000000.0,
                          base_model_sha256="ab" * 32, dataset_fingerprint="xxh3_128:0", output_name="run",
-                         config_json="{}")
+                         config_json="{}", preset={"enable_conv": True})
     assert json.loads(meta["ss_dataset_dirs"]) == {"shards": {"n_repeats": 1, "img_count": 16}}
     assert meta["ss_sd_model_hash"] == hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
     assert meta["ss_new_sd_model_hash"] == "ab" * 32
