@@ -5,7 +5,7 @@ see danbooru_tags.LICENSE). The subset keeps the most used tags of each category
 meta tag, and a few tags the captioning rules need to meet (people-count tags, emoticons,
 a parenthesised artist name)::
 
-    python -m hakubooru.synth.subset /work/shared/data/danbooru_tags.csv
+    python -m hakubooru.synth.subset path/to/danbooru_tags.csv
 """
 from __future__ import annotations
 
