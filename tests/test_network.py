@@ -163,8 +163,10 @@ def test_bad_input_is_one_clear_error(tmp_path):
         create_lokr(tiny_sdxl(), {"factors": {**FACTORS, "Attn": 4}})
     with pytest.raises(HakubooruError, match="names no module group"):
         create_lokr(tiny_sdxl(), {"factors": {}})
+    with pytest.raises(HakubooruError, match="names no module group"):
+        create_lokr(tiny_sdxl(), {"factors": {k: 0 for k in FACTORS}})
     with pytest.raises(HakubooruError, match="positive integer"):
-        create_lokr(tiny_sdxl(), {"factors": {**FACTORS, "CLIPMLP": 0}})
+        create_lokr(tiny_sdxl(), {"factors": {**FACTORS, "CLIPMLP": -1}})
     for bad in (True, 2.5):  # a bool or a float is not a factor, though True == 1 and 2.5 > 1
         with pytest.raises(HakubooruError, match=f"CLIPMLP = {bad!r}: a factor must be a positive integer"):
             create_lokr(tiny_sdxl(), {"factors": {**FACTORS, "CLIPMLP": bad}})

@@ -95,8 +95,8 @@ def test_a_group_that_wraps_fewer_modules_than_it_names_is_refused(monkeypatch):
     network with less in it."""
     real = network_mod.lokr_preset
 
-    def without_text_attention(sdxl, cfg):
-        preset = real(sdxl, cfg)
+    def without_text_attention(sdxl, cfg, **kw):
+        preset = real(sdxl, cfg, **kw)
         preset["text_encoder_target_module"] = ["CLIPMLP"]
         return preset
 
@@ -120,3 +120,25 @@ def test_new_groups_factor_shapes_by_hand():
     # FeedForward, tiny factor 2: the mid block's out Linear 4 x 64 -> 64: out 64 = 2 x 32, in 256 = 2 x 128
     lora = by_name["lora_unet_mid_block_attentions_0_transformer_blocks_0_ff_net_2"]
     assert lora.lokr_w1.shape == (2, 2) and lora.lokr_w2.shape == (32, 128)
+
+
+def test_a_factor_of_0_leaves_a_group_out_and_old_states_resume_with_the_old_network():
+    """The network before the recipe's groups (our earlier guess): the new groups at 0 and no
+    norm offsets give its 1026 modules; a state written then (no train_norm, no new groups in its
+    config) resumes under exactly that config instead of being refused."""
+    from trainers.lokr.config import check_resume_config
+
+    old_network = [("lokr.factors.FeedForward", 4), ("lokr.factors.ResnetBlock2D", 8),
+                   ("lokr.factors.CLIPAttention", 2), ("lokr.factors.CLIPMLP", 4), ("lokr.train_norm", False)] + [
+        (f"lokr.factors.{g}", 0) for g in ("Transformer2DModel", "Downsample2D", "Upsample2D", "conv_in_out",
+                                           "embeddings")]
+    cfg = load_config("epsilon", old_network)
+    sdxl = sdxl_on_meta()
+    with torch.device("meta"):
+        assert len(create_lokr(sdxl, cfg["lokr"]).loras) == 560 + 140 + 62 + 72 + 192
+    saved = load_config("epsilon", old_network)
+    del saved["lokr"]["train_norm"]
+    saved["lokr"]["factors"] = {"Attention": 4, "FeedForward": 4, "ResnetBlock2D": 8, "CLIPAttention": 2, "CLIPMLP": 4}
+    assert check_resume_config(saved, cfg, allow_change=False) == []
+    with pytest.raises(HakubooruError, match=r"lokr.train_norm: False -> True"):
+        check_resume_config(saved, load_config("epsilon"), allow_change=False)

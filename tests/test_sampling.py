@@ -192,16 +192,11 @@ def test_a_stop_ends_a_render_within_a_block(sdxl, tmp_path):
     assert [m.training for m in sdxl.unet.modules()] == modes and torch.equal(torch.get_rng_state(), rng)
 
 
-def test_sigterm_during_a_render_stops_the_run_at_that_step(shards, tmp_path):
-    """Render at step 2 with 2000 denoising steps per prompt (over a minute on the tiny model);
-    SIGTERM once it has started. The state of step 2 is on disk before the render (save_every=2),
-    the run stops at step 2 without writing it again, and a resume finishes the run."""
-    out = tmp_path / "run"
-    args = ["--config", "tiny", "--shards", str(shards), "--max-steps", "4", "--set", "train.save_every=2",
-            "--set", "sample.every=2"]
-    proc = subprocess.Popen([sys.executable, "-m", "trainers.lokr", *args, "--output", str(out),
-                             "--set", "sample.steps=2000"], cwd=REPO, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+def sigterm_during_render(args, state):
+    """Start a tiny run whose renders take minutes (2000 steps), SIGTERM it a second into its
+    first render; (process, its stderr, the stat of `state` before the signal)."""
+    proc = subprocess.Popen([sys.executable, "-m", "trainers.lokr", *args, "--set", "sample.steps=2000"], cwd=REPO,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     err, rendering = [], threading.Event()
 
     def read():
@@ -214,7 +209,6 @@ def test_sigterm_during_a_render_stops_the_run_at_that_step(shards, tmp_path):
     reader.start()
     try:
         assert rendering.wait(300), "".join(err)[-2000:]
-        state = out / "states" / "state-00000002.state"
         before = state.stat()
         time.sleep(1)  # into the denoising
         proc.send_signal(signal.SIGTERM)
@@ -222,7 +216,31 @@ def test_sigterm_during_a_render_stops_the_run_at_that_step(shards, tmp_path):
     finally:
         proc.kill()
         reader.join(10)
-    err = "".join(err)
+    return proc, "".join(err), before
+
+
+def test_sigterm_during_the_last_steps_render_still_writes_the_final_lokr(shards, tmp_path):
+    """The run has reached its last step when its render is stopped: the final LoKr is written
+    (a user skipping a slow final render keeps the result), and no resume is asked for."""
+    out = tmp_path / "run"
+    proc, err, _ = sigterm_during_render(["--config", "tiny", "--shards", str(shards), "--max-steps", "2",
+                                          "--set", "sample.every=2", "--output", str(out)],
+                                         out / "states" / "state-00000002.state")
+    assert proc.returncode == 0, err[-2000:]
+    assert f"final LoKr {out / 'lokr.safetensors'} (its sample render stopped by SIGTERM)" in err
+    assert (out / "lokr.safetensors").exists() and "resume with" not in err
+    assert not (out / "samples" / "00000002-sheet.png").exists()
+
+
+def test_sigterm_during_a_render_stops_the_run_at_that_step(shards, tmp_path):
+    """Render at step 2 with 2000 denoising steps per prompt (over a minute on the tiny model);
+    SIGTERM once it has started. The state of step 2 is on disk before the render (save_every=2),
+    the run stops at step 2 without writing it again, and a resume finishes the run."""
+    out = tmp_path / "run"
+    args = ["--config", "tiny", "--shards", str(shards), "--max-steps", "4", "--set", "train.save_every=2",
+            "--set", "sample.every=2"]
+    state = out / "states" / "state-00000002.state"
+    proc, err, before = sigterm_during_render([*args, "--output", str(out)], state)
     assert proc.returncode == 0, err[-2000:]
     assert f"stopped by SIGTERM at step 2; resume with --resume {out}" in err
     assert [p.name for p in list_states(out / "states")] == ["state-00000002.state"]

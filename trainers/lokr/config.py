@@ -28,6 +28,10 @@ FREE_ON_RESUME = {"data.workers", "train.save_every", "train.keep_states", "trai
                   "train.max_nonfinite_in_row", "lokr.naming", "train.log_with", "sample.every", "sample.at_end",
                   "sample.sampler", "sample.width", "sample.height", "sample.steps", "sample.guidance",
                   "sample.negative_prompt", "sample.prompts"}
+# What a state written before a key existed meant by it (the network before Kohaku XL Delta's
+# groups: no norm offsets, the new groups not wrapped).
+LEGACY_DEFAULTS = {"lokr.train_norm": False, **{f"lokr.factors.{g}": 0 for g in (
+    "Transformer2DModel", "Downsample2D", "Upsample2D", "conv_in_out", "embeddings")}}
 # Keys that only decide how long the run goes on: accepted on resume with --allow-config-change.
 SAFE_ON_RESUME = {"train.max_steps", "train.epochs"}
 
@@ -145,8 +149,9 @@ def validate(cfg: dict) -> None:
         raise HakubooruError(f"config key 'optimizer.betas' must be two numbers in [0, 1) (got {betas!r})")
     _validate_prompts(cfg["sample"])
     for key, value in flat.items():
-        if key.startswith("lokr.factors.") and not (isinstance(value, int) and value >= 1):
-            raise HakubooruError(f"config key '{key}' must be an integer ≥ 1 (got {value!r})")
+        if key.startswith("lokr.factors.") and not (isinstance(value, int) and not isinstance(value, bool)
+                                                    and value >= 0):
+            raise HakubooruError(f"config key '{key}' must be an integer ≥ 0, 0 = not wrapped (got {value!r})")
 
 
 # per-prompt keys of [sample] -> (type, lowest value)
@@ -211,7 +216,7 @@ def config_fingerprint(cfg: dict) -> str:
 def check_resume_config(saved: dict, cfg: dict, allow_change: bool) -> list[str]:
     """Refuse to resume a state written under another config. Returns the changed keys that
     were accepted; raises naming the keys that make the state unusable."""
-    old, new = flatten(saved), flatten(cfg)
+    old, new = {**LEGACY_DEFAULTS, **flatten(saved)}, flatten(cfg)
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     unsafe = [k for k in changed if k not in FREE_ON_RESUME | SAFE_ON_RESUME]
     if unsafe:

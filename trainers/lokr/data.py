@@ -5,7 +5,9 @@ from __future__ import annotations
 import functools
 import io
 import json
+import multiprocessing
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -316,8 +318,11 @@ def make_loader(dataset: BatchDataset, start: int = 0, workers: int = 0):
     ``batch_size=None``: they come collated). Resuming at batch k costs O(1): nothing before k is
     read. A HakubooruError raised in a worker process arrives as its own one line; a worker
     ends at once when this process dies, even by SIGKILL."""
+    # forked workers (Linux's default before Python 3.14): their parent is this process, which
+    # die_with_parent checks; under forkserver it would be the server
+    context = multiprocessing.get_context("fork") if workers and sys.platform.startswith("linux") else None
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, sampler=range(start, len(dataset)),
-                                         num_workers=workers,
+                                         num_workers=workers, multiprocessing_context=context,
                                          worker_init_fn=functools.partial(_init_worker, os.getpid()))
     return _one_line_errors(loader) if workers else loader
 

@@ -44,7 +44,7 @@ def lokr_delta(lora) -> torch.Tensor:
     file has them. LyCORIS's own `merge_to` applies alpha / dim twice (`get_diff_weight` scales
     `get_weight`, which is already scaled), so merge does not use it."""
     weight = lora.org_module[0].weight
-    return lora.get_weight(weight.shape).to(weight.device) * lora.multiplier
+    return lora.get_weight(weight.shape).to(weight.device) * lora.scalar * lora.multiplier
 
 
 def build_parser() -> argparse.ArgumentParser:

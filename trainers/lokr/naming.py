@@ -23,7 +23,8 @@ _LDM_UNET = re.compile(r"lora_unet_(input_blocks|middle_block|output_blocks|time
 _DIFFUSERS_UNET = re.compile(r"lora_unet_(down_blocks|mid_block|up_blocks|time_embedding|add_embedding|conv_)")
 
 
-WEIGHTED = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.GroupNorm, torch.nn.LayerNorm)  # what a LoKr may wrap
+NORMS = (torch.nn.GroupNorm, torch.nn.LayerNorm)  # with lokr.train_norm: an offset per channel
+WEIGHTED = (torch.nn.Linear, torch.nn.Conv2d, *NORMS)  # what a LoKr may wrap
 
 
 def unet_modules(unet: torch.nn.Module) -> list[tuple[str, str]]:

@@ -36,7 +36,6 @@ SD_SCRIPTS_NAMES = {"conv_in_out": ("input_blocks.0.0", "out.0", "out.2"),
                     "embeddings": ("time_embed.0", "time_embed.2", "label_emb.0.0", "label_emb.0.2")}
 KNOWN_TEXT_CLASSES = {"CLIPAttention": ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2"),
                       "CLIPMLP": ("CLIPMLP",)}
-NORMS = (torch.nn.GroupNorm, torch.nn.LayerNorm)
 # LyCORIS's "dim" in full-matrix mode: unused for the shapes, but stored as every module's
 # alpha (alpha = dim, scale 1), so it must survive fp16 exactly (100000 would become inf).
 FULL_MATRIX_DIM = 10_000
@@ -75,20 +74,22 @@ def kohya_text_encoders(sdxl) -> list[torch.nn.Module]:
 
 
 def check_factors(factors: dict) -> dict[str, int]:
-    """The [lokr.factors] table, checked: known groups, each factor a positive integer."""
+    """The groups the [lokr.factors] table wraps, with their factors: known groups, each
+    factor a positive integer, or 0 for a group left out."""
     unknown = sorted(set(factors) - set(GROUPS))
     if unknown:
         raise HakubooruError(f"unknown LoKr factor key(s) {unknown}; known: {list(GROUPS)}")
-    if not factors:
-        raise HakubooruError("[lokr.factors] names no module group; known: " + ", ".join(GROUPS))
     for name, f in factors.items():
-        if not isinstance(f, int) or isinstance(f, bool) or f < 1:
-            raise HakubooruError(f"[lokr.factors] {name} = {f!r}: a factor must be a positive integer")
-    return dict(factors)
+        if not isinstance(f, int) or isinstance(f, bool) or f < 0:
+            raise HakubooruError(f"[lokr.factors] {name} = {f!r}: a factor must be a positive integer (0: left out)")
+    wrapped = {name: f for name, f in factors.items() if f}
+    if not wrapped:
+        raise HakubooruError("[lokr.factors] names no module group; known: " + ", ".join(GROUPS))
+    return wrapped
 
 
 def _wrapped(module: torch.nn.Module, train_norm: bool) -> bool:
-    return isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) or (train_norm and isinstance(module, NORMS))
+    return isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) or (train_norm and isinstance(module, naming_.NORMS))
 
 
 def _text_blocks(encoder: torch.nn.Module, group: str):
@@ -112,7 +113,7 @@ def lokr_targets(sdxl, lokr_cfg: dict, *, text_encoders: bool = True) -> dict[st
         if group not in UNET_BLOCKS:
             continue
         for path, module in block.named_modules():
-            inner = next((g for g in UNET_NESTED if _is_inside(block, path, g)), group)
+            inner = next((g for g in UNET_NESTED if g in factors and _is_inside(block, path, g)), group)
             if inner in factors and _wrapped(module, train_norm):
                 out.setdefault(naming_.lokr_name(f"{block_path}.{path}"), ("unet", inner))
     modules = dict(sdxl.unet.named_modules())
@@ -142,14 +143,14 @@ def _is_inside(block: torch.nn.Module, path: str, cls: str) -> bool:
     return False
 
 
-def lokr_preset(sdxl, lokr_cfg: dict) -> dict:
+def lokr_preset(sdxl, lokr_cfg: dict, *, text_encoders: bool = True) -> dict:
     """The LyCORIS preset of the config's network: target classes and names, a factor per group.
 
     Valid for diffusers' SDXL UNet (ours) and sd-scripts' own, and for every transformers CLIP
     attention class: stored in the LoKr's metadata, it recreates the network in either."""
     factors = check_factors(dict(lokr_cfg.get("factors", {})))
     lokr = lambda group: {"algo": "lokr", "factor": factors[group]}  # noqa: E731
-    text_classes = {g: set(KNOWN_TEXT_CLASSES[g]) for g in TEXT_GROUPS if g in factors}
+    text_classes = {g: set(KNOWN_TEXT_CLASSES[g]) for g in TEXT_GROUPS if g in factors and text_encoders}
     for encoder in (sdxl.text_encoder_1, sdxl.text_encoder_2):
         for group, classes in text_classes.items():
             classes.update(type(block).__name__ for _, block in _text_blocks(encoder, group))
@@ -194,7 +195,7 @@ def create_lokr(sdxl, lokr_cfg: dict, *, text_encoders: bool = True) -> LycorisN
         raise HakubooruError("lokr.full_matrix = false is not supported: the recipe's LoKr is full matrix")
     targets = lokr_targets(sdxl, lokr_cfg, text_encoders=text_encoders)
     # The preset is class-level state in LyCORIS: set it right before each creation.
-    LycorisNetworkKohya.apply_preset(lokr_preset(sdxl, lokr_cfg))
+    LycorisNetworkKohya.apply_preset(lokr_preset(sdxl, lokr_cfg, text_encoders=text_encoders))
     dim = FULL_MATRIX_DIM
     with quiet_lycoris():
         network = LycorisNetworkKohya(
@@ -246,7 +247,7 @@ def lokr_state_dict(network) -> dict[str, torch.Tensor]:
 
 def save_lokr(network, path: str | os.PathLike, metadata: dict, *, unet: torch.nn.Module,
               dtype: str = "fp16", naming: str = "sd-scripts") -> Path:
-    """Write the LoKr as safetensors (`<name>.alpha/.lokr_w1/.lokr_w2`), atomically and with
+    """Write the LoKr as safetensors (`<name>.alpha/.lokr_w1/.lokr_w2`, a norm's `.w_norm/.b_norm`), atomically and with
     reproducible bytes: the same weights and metadata give the same file.
 
     `naming` "sd-scripts" (default) names UNet modules by the original checkpoint's paths, as

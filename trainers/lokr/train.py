@@ -263,7 +263,8 @@ def lokr_metadata(run: Run) -> dict:
         world_size=run.dist.world_size, num_train_images=len(run.index), dataset_dir=run.shards.resolve().name,
         tags=run.tags, started_at=p.started_at, base_model_sha256=run.base_model_hash,
         dataset_fingerprint=run.index.fingerprint, output_name=run.output.resolve().name,
-        config_json=config_json(run.cfg), preset=lokr_preset(run.sdxl, run.cfg["lokr"]),
+        config_json=config_json(run.cfg),
+        preset=lokr_preset(run.sdxl, run.cfg["lokr"], text_encoders=run.cfg["train"]["train_text_encoders"]),
         cache_latents=run.latent_cache is not None)
 
 
@@ -432,7 +433,8 @@ def _loop(run: Run) -> dict:
             signal.signal(s, handler)
 
     final = None
-    if d.is_main and stop["signal"] is None:
+    finished = p.step == run.total_steps  # also when a stop came during the last step's sample render
+    if d.is_main and (stop["signal"] is None or finished):
         final = write_lokr(run, run.output / "lokr.safetensors")
     done = p.step - start_step
     summary = {"step": p.step, "epoch": p.epoch, "steps_this_run": done, "images_this_run": done * images_per_step,
@@ -440,7 +442,9 @@ def _loop(run: Run) -> dict:
                "seconds": time.perf_counter() - start_time, "lokr": str(final) if final else None}
     if d.is_main:
         end = (f"stopped by {stop['signal']} at step {p.step}; resume with --resume {run.output}"
-               if stop["signal"] else f"final LoKr {final}")
+               if stop["signal"] and not finished else f"final LoKr {final}")
+        if stop["signal"] and finished:
+            end += f" (its sample render stopped by {stop['signal']})"
         corrupt = f", {p.corrupt} damaged samples left out" if p.corrupt else ""
         loss_note = f", last loss {loss_value:.4f}" if done else " (the run had already reached it)"
         print(f"trained {done} steps ({done * images_per_step} images) to step {p.step}/{run.total_steps}, "
