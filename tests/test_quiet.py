@@ -39,3 +39,18 @@ def test_only_the_torchvision_note_is_dropped():
     assert not passes("`CLIPImageProcessor` requires torchvision (not installed); falling back to "
                       "`CLIPImageProcessorPil` for backward compatibility.")
     assert passes("`Foo` requires a newer tokenizers version")
+
+
+def test_only_diffusers_empty_float32_note_is_dropped():
+    """diffusers' note on `.to(dtype)` when no module needs float32 (every load of a real SDXL
+    in bf16) is dropped; the same note naming modules still shows."""
+    logger = logging.getLogger("diffusers.models.modeling_utils")
+
+    def passes(message):
+        return bool(logger.filter(logger.makeRecord(logger.name, logging.WARNING, __file__, 0, message, (), None)))
+
+    note = ("There are modules in UNet2DConditionModel that should be kept in float32: {}. Casting directly with "
+            "`to()` can lead to inconsistent results; set `torch_dtype` in `from_pretrained()` instead to keep "
+            "these modules in float32.")
+    assert not passes(note.format("[]"))
+    assert passes(note.format("['conv_norm_out']"))

@@ -7,3 +7,7 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 # pipeline imports CLIP's and SigLIP's (sampling, save_sdxl); nothing here uses one
 logging.getLogger("transformers.utils.import_utils").addFilter(
     lambda record: "requires torchvision (not installed)" not in record.getMessage())
+# diffusers warns on every `model.to(dtype)` that modules "should be kept in float32", even when
+# it names none (`[]`); the loaders cast on purpose. A non-empty list still shows.
+logging.getLogger("diffusers.models.modeling_utils").addFilter(
+    lambda record: "should be kept in float32: []" not in record.getMessage())
