@@ -3,6 +3,7 @@ torchvision" when sampling imports diffusers' SDXL pipeline, bitsandbytes' 4-bit
 transformers' other warnings still pass."""
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -30,11 +31,14 @@ def test_training_with_samples_prints_only_its_own_lines(tmp_path):
     assert lines[-1].startswith("trained 2 steps")
 
 
-def test_only_the_torchvision_note_is_dropped():
-    logger = logging.getLogger("transformers.utils.import_utils")
+def passes_filter(logger_name: str, message: str) -> bool:
+    """Whether the filters on `logger_name` let a WARNING with `message` through."""
+    logger = logging.getLogger(logger_name)
+    return bool(logger.filter(logger.makeRecord(logger.name, logging.WARNING, __file__, 0, message, (), None)))
 
-    def passes(message):
-        return bool(logger.filter(logger.makeRecord(logger.name, logging.WARNING, __file__, 0, message, (), None)))
+
+def test_only_the_torchvision_note_is_dropped():
+    passes = functools.partial(passes_filter, "transformers.utils.import_utils")
 
     assert not passes("`CLIPImageProcessor` requires torchvision (not installed); falling back to "
                       "`CLIPImageProcessorPil` for backward compatibility.")
@@ -44,10 +48,7 @@ def test_only_the_torchvision_note_is_dropped():
 def test_only_diffusers_empty_float32_note_is_dropped():
     """diffusers' note on `.to(dtype)` when no module needs float32 (every load of a real SDXL
     in bf16) is dropped; the same note naming modules still shows."""
-    logger = logging.getLogger("diffusers.models.modeling_utils")
-
-    def passes(message):
-        return bool(logger.filter(logger.makeRecord(logger.name, logging.WARNING, __file__, 0, message, (), None)))
+    passes = functools.partial(passes_filter, "diffusers.models.modeling_utils")
 
     note = ("There are modules in UNet2DConditionModel that should be kept in float32: {}. Casting directly with "
             "`to()` can lead to inconsistent results; set `torch_dtype` in `from_pretrained()` instead to keep "
