@@ -89,7 +89,7 @@ def test_merge_help_describes_the_command():
         " ".join(build_parser().format_help().split())
 
 
-def _lycoris_lokr(sdxl, *, full_matrix: bool, dim: int, alpha: float, seed: int):
+def _lycoris_lokr(sdxl, *, full_matrix: bool, dim: int, alpha: float, seed: int, **kwargs):
     """A LoKr made and saved by LyCORIS itself (as sd-scripts + LyCORIS write them), random weights."""
     from lycoris.kohya import LycorisNetworkKohya
 
@@ -99,7 +99,7 @@ def _lycoris_lokr(sdxl, *, full_matrix: bool, dim: int, alpha: float, seed: int)
     from trainers.lokr.network import kohya_text_encoders
     net = LycorisNetworkKohya(kohya_text_encoders(sdxl), sdxl.unet, multiplier=1.0, lora_dim=dim, conv_lora_dim=dim,
                               alpha=alpha, conv_alpha=alpha, network_module="lokr", factor=4, full_matrix=full_matrix,
-                              decompose_both=False)
+                              decompose_both=False, **kwargs)
     net.apply_to(None, None, apply_text_encoder=True, apply_unet=True)  # registers the modules: state_dict()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -144,3 +144,12 @@ def test_merge_adds_kron_w1_w2_times_alpha_over_dim_once(tmp_path, full_matrix, 
         conv = len(shape) == 4  # kron over the first two dimensions; the kernel comes from w2
         want = torch.kron(w1[:, :, None, None] if conv else w1, w2) * scale
         torch.testing.assert_close(weights[name] - before[name], want, rtol=0, atol=1e-6)
+
+
+def test_a_dora_lokr_is_refused_in_one_line(tmp_path):
+    """A weight-decomposed (DoRA) LoKr merges by another rule than w1 ⊗ w2: refused, naming the file."""
+    net = _lycoris_lokr(tiny_sdxl(seed=0), full_matrix=True, dim=10000, alpha=10000.0, seed=1, weight_decompose=True)
+    path = tmp_path / "dora.safetensors"
+    net.save_weights(str(path), torch.float32, {"ss_network_module": "lycoris.kohya"})
+    with pytest.raises(HakubooruError, match=r"dora\.safetensors: lora_\w+ is a DoRA LoKr \(dora_scale\)"):
+        merge_lokr(tiny_sdxl(seed=0), path)
