@@ -21,8 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.shardfactory import make_test_shards  # noqa: E402
-from trainers.lokr.cache import build_cache  # noqa: E402
+from tests.helpers.shards import make_test_shards  # noqa: E402
+from trainers.lokr.data.latent_cache_build import build_cache  # noqa: E402
 from trainers.lokr.config import load_config  # noqa: E402
 from trainers.lokr.train import train  # noqa: E402
 

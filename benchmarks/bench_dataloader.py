@@ -29,9 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hakubooru.rng import generator  # noqa: E402
 from hakubooru.shardwriter import member_hash  # noqa: E402
-from tests.shardfactory import write_shard_folder  # noqa: E402
-from trainers.lokr.bucketing import make_buckets  # noqa: E402
-from trainers.lokr.data import BatchDataset, BatchPlan, ShardIndex, load_index  # noqa: E402
+from tests.helpers.shards import write_shard_folder  # noqa: E402
+from trainers.lokr.data.bucketing import make_buckets  # noqa: E402
+from trainers.lokr.data.batches import BatchDataset, BatchPlan
+from trainers.lokr.data.index import ShardIndex, load_index  # noqa: E402
 
 
 def illustration(seed: int, i: int, w: int, h: int) -> bytes:

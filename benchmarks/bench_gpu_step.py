@@ -12,7 +12,7 @@ about 49–50 s per 256-image optimizer step on 4× RTX 3090, i.e. ~3.1 s per 4-
 micro-batch per GPU (recipe §3).
 
 Peak allocated memory is reported per phase (VAE, text encoders, UNet forward, backward,
-optimizer step; `trainers.lokr.memory`). `--dry-run` prints the CPU-side estimate of those
+optimizer step; `trainers.lokr.observe.memory`). `--dry-run` prints the CPU-side estimate of those
 peaks from the real architecture's shapes (meta device: no weights, no GPU), for the
 config's batch and resolution; `--bypass on|off|both` picks the LoKr forward mode.
 """
@@ -31,12 +31,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hakubooru.clip_tokenizer import sdxl_tokenizers  # noqa: E402
 from trainers.lokr.config import load_config  # noqa: E402
-from trainers.lokr.latents import encode_latents  # noqa: E402
-from trainers.lokr.memory import PhaseMeter, flash_attention_memory  # noqa: E402
-from trainers.lokr.models import sdxl_base_architecture, tiny_sdxl  # noqa: E402
-from trainers.lokr.network import create_lokr, lokr_param_groups  # noqa: E402
-from trainers.lokr.latent_cache import cached_latents  # noqa: E402
-from trainers.lokr.text import encode_prompts  # noqa: E402
+from trainers.lokr.data.vae_encode import encode_latents  # noqa: E402
+from trainers.lokr.observe.memory import PhaseMeter, flash_attention_memory  # noqa: E402
+from trainers.lokr.sdxl.model import sdxl_base_architecture, tiny_sdxl  # noqa: E402
+from trainers.lokr.network.lokr import create_lokr, lokr_param_groups  # noqa: E402
+from trainers.lokr.data.latent_cache import cached_latents  # noqa: E402
+from trainers.lokr.sdxl.text import encode_prompts  # noqa: E402
 from trainers.lokr.train import check_bitsandbytes, diffusion_loss, min_snr_weights, sample_draws  # noqa: E402
 
 CAPTION = ", ".join(["1girl", "solo", "long hair", "looking at viewer", "smile", "blue eyes"] * 12)

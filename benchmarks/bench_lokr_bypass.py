@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lycoris.modules.lokr import LokrModule  # noqa: E402
 
 from trainers.lokr.config import load_config  # noqa: E402
-from trainers.lokr.network import FULL_MATRIX_DIM  # noqa: E402
+from trainers.lokr.network.lokr import FULL_MATRIX_DIM  # noqa: E402
 
 # Relative agreement of the two modes (max |a - b| / max |a|): fp32 sums in another order.
 TOL = 1e-4

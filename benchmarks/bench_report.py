@@ -1,5 +1,5 @@
 """Dataset report on a synthetic shard folder of 5.2M samples (the epsilon dataset's size):
-the whole `python -m hakubooru report` (with --config epsilon --gpus 4), next to its floor in
+the whole `python -m trainers.lokr report --dataset` (with --config epsilon --gpus 4), next to its floor in
 the same run: one positioned read + json.loads of every record, nothing counted.
 
     python benchmarks/bench_report.py [--rows 5200000] [--workers 2] [--skip-report]
@@ -154,8 +154,8 @@ def main() -> None:
           f"{args.rows / base:,.0f} rec/s")
     if args.skip_report:
         return
-    cmd = [sys.executable, "-m", "hakubooru", "report", str(folder), "--html", str(folder / "report.html"),
-           "--config", "epsilon", "--gpus", "4", "--workers", str(args.workers)]
+    cmd = [sys.executable, "-m", "trainers.lokr", "report", "--dataset", str(folder), "--html",
+           str(folder / "report.html"), "--config", "epsilon", "--gpus", "4", "--workers", str(args.workers)]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(ROOT)})

@@ -1,5 +1,5 @@
 """The real SDXL path on the CPU, through the public commands only: a random-weight SDXL at
-real size (`python -m trainers.lokr.fake_sdxl`), two optimizer steps of the trainer from its
+real size (`python -m trainers.lokr.sdxl.fake`), two optimizer steps of the trainer from its
 diffusers folder and again from its single file (the two LoKrs must be identical), then
 `merge` of the LoKr into the single file, whose UNet must give base + LoKr's output.
 
@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from tests.shardfactory import make_test_shards  # noqa: E402
+from tests.helpers.shards import make_test_shards  # noqa: E402
 
 GIB = 2 ** 30
 
@@ -53,7 +53,7 @@ def run(*args: str, nice: int = 0) -> dict:
 
 def part_sizes(folder: Path, precision: str) -> dict[str, int]:
     """Bytes each loaded part holds in memory: UNet and text encoders at the training dtype, VAE fp32."""
-    from trainers.lokr.models import sdxl_base_architecture
+    from trainers.lokr.sdxl.model import sdxl_base_architecture
 
     meta = sdxl_base_architecture("meta", config=folder)
     weight_bytes = 2 if precision == "bf16" else 4
@@ -66,8 +66,8 @@ def part_sizes(folder: Path, precision: str) -> dict[str, int]:
 
 def unet_output(pretrained: Path, config: Path, lokr: Path | None, dtype: torch.dtype) -> torch.Tensor:
     """The UNet's prediction on one fixed input (LoKr hooked in when given)."""
-    from trainers.lokr.models import load_sdxl
-    from trainers.lokr.network import load_lokr
+    from trainers.lokr.sdxl.model import load_sdxl
+    from trainers.lokr.network.lokr import load_lokr
 
     sdxl = load_sdxl(pretrained, dtype=dtype, config=config)
     if lokr is not None:
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     if not (folder.is_dir() and single.is_file()):
         shutil.rmtree(folder, ignore_errors=True)
         single.unlink(missing_ok=True)
-        report["fake_sdxl"] = run("trainers.lokr.fake_sdxl", *(["--narrow"] if args.narrow else []),
+        report["fake_sdxl"] = run("trainers.lokr.sdxl.fake", *(["--narrow"] if args.narrow else []),
                                   "--out", str(folder), "--single-file", str(single), nice=args.nice)
     configs = work / "configs"  # configs only: the single file then uses SDXL's bundled tokenizers
     if not configs.is_dir():

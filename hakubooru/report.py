@@ -2,9 +2,8 @@
 
 Reads ``manifest.json``, ``index.parquet``, ``skipped.parquet`` and every sample's ``.json``
 record (one positioned read each, at the offset the index gives); never an image. The
-training-bucket part uses the trainer's own code (``trainers.lokr.bucketing`` and
-``trainers.lokr.data.BatchPlan``, imported only when a trainer config is given, so it needs
-the ``train`` extra), so its numbers are those a training run would see.
+training-bucket section is the trainer's to add (``python -m trainers.lokr report --dataset``,
+docs/architecture.md): this library never imports its trainer.
 """
 from __future__ import annotations
 
@@ -121,10 +120,10 @@ class _TokenLengths:
         return out
 
 
-def collect(shards_dir, *, config: str | None = None, world_size: int = 1, db=None,
-            workers: int = 1, progress: bool = True) -> dict:
-    """The report's numbers for a shard folder, as a JSON-able dict. ``config``: a trainer
-    config (bundled name or TOML path) for the bucket statistics at ``world_size`` GPUs;
+def collect(shards_dir, *, max_windows: int = 3, db=None, workers: int = 1,
+            progress: bool = True) -> dict:
+    """The report's numbers for a shard folder, as a JSON-able dict. ``max_windows``: the
+    training's caption windows of 75 tokens (captions past them are counted as cut);
     ``db``: the database (path or handle) to split the keep tags into character, copyright
     and artist; ``workers``: processes reading the records (the result does not depend on it)."""
     root = Path(shards_dir)
@@ -135,8 +134,6 @@ def collect(shards_dir, *, config: str | None = None, world_size: int = 1, db=No
         raise HakubooruError(f"{root / INDEX_FILE} has no samples")
     manifest = _read_json_file(root / MANIFEST_FILE) or {}
     tag_types = load_tag_types(db) if db is not None else None
-    cfg = _trainer_config(config) if config else None
-    max_windows = cfg["data"]["max_windows"] if cfg else 3
 
     shard = table.column("shard").combine_chunks()
     names = [str(n) for n in shard.dictionary.to_pylist()]
@@ -180,8 +177,6 @@ def collect(shards_dir, *, config: str | None = None, world_size: int = 1, db=No
         "provenance": _provenance(manifest),
         "tag_categories": "database" if tag_types is not None else "record",
     }
-    if cfg is not None:
-        out["buckets"] = bucket_stats(root, cfg, config, world_size)
     return out
 
 
@@ -368,41 +363,3 @@ def _provenance(manifest: dict) -> dict:
         "captioner": manifest.get("captioner"), "image_policy": manifest.get("image_policy"),
         "shard_size": manifest.get("shard_size"), "shard_count": manifest.get("shard_count"),
     }
-
-
-def _trainer_config(name: str) -> dict:
-    try:
-        from trainers.lokr.config import load_config
-    except ImportError as e:
-        raise HakubooruError(f"bucket statistics need the trainer (the train extra): {e}") from None
-    return load_config(name)
-
-
-def bucket_stats(root: Path, cfg: dict, config_name: str, world_size: int = 1) -> dict:
-    """Samples per training bucket, full global batches per bucket and the samples that sit
-    out each epoch, by the trainer's own bucket assignment and batch plan (epoch 0)."""
-    try:
-        from trainers.lokr.bucketing import assign_buckets, make_buckets
-        from trainers.lokr.data import BatchPlan, load_index
-    except ImportError as e:
-        raise HakubooruError(f"bucket statistics need the trainer (the train extra): {e}") from None
-    if world_size < 1:
-        raise HakubooruError(f"--gpus must be ≥ 1, got {world_size}")
-    dc, tc = cfg["data"], cfg["train"]
-    buckets = make_buckets(area=dc["resolution"] ** 2, min_side=dc["bucket_min"],
-                           max_side=dc["bucket_max"], step=dc["bucket_step"])
-    index = load_index(root)
-    global_batch = tc["batch_size"] * world_size
-    plan = BatchPlan(index, global_batch, tc["seed"], 0, buckets)
-    samples = np.bincount(assign_buckets(index.width, index.height, buckets), minlength=len(buckets))
-    batches = np.bincount(plan.batch_bucket, minlength=len(buckets))
-    rows = [[f"{w}×{h}", w, h, int(s), int(nb), int(s - nb * global_batch)]
-            for (w, h), s, nb in zip(buckets, samples, batches) if s]
-    return {"config": config_name, "world_size": world_size, "batch_size": tc["batch_size"],
-            "global_batch": global_batch, "grad_accum": tc["grad_accum"],
-            "images_per_step": global_batch * tc["grad_accum"],
-            "buckets_defined": len(buckets), "buckets_used": len(rows), "rows": rows,
-            "batches_per_epoch": len(plan), "steps_per_epoch": len(plan) // tc["grad_accum"],
-            "sit_out": plan.dropped,
-            # full batches past the last whole optimizer step are not trained either
-            "sit_out_batches": len(plan) % tc["grad_accum"] * global_batch}

@@ -72,8 +72,9 @@ def _images(stats: dict) -> str:
 def _buckets(stats: dict) -> str:
     b = stats.get("buckets")
     if b is None:
-        return h.section("Training buckets", h.note("Pass --config NAME (a trainer config) to see "
-                                                    "the buckets a training run fills."), id="section-buckets")
+        return h.section("Training buckets", h.note(
+            "The trainer adds the buckets a training run fills: python -m trainers.lokr report "
+            "--dataset SHARDS --config NAME --gpus N."), id="section-buckets")
     rows = sorted(b["rows"], key=lambda r: -r[3])
     summary = h.table(["", ""], [
         ["trainer config", b["config"]], ["GPUs × batch size = global batch",

@@ -6,7 +6,7 @@
 # demo/train/report.html), and the LoKr merged into the model (demo/merged.safetensors).
 source "$(dirname "$0")/setup.sh"
 python examples/epsilon_selection.py --workdir demo --out demo/out
-python -m hakubooru report demo/out --html demo/report.html --config tiny
+python -m trainers.lokr report --dataset demo/out --html demo/report.html --config tiny   # the dataset report, with the training buckets
 python -m trainers.lokr.cache --config tiny --shards demo/out   # VAE latents once (demo/out/latents), used by the training
 python -m trainers.lokr --config tiny --shards demo/out --output demo/train --max-steps 20 --set sample.every=10
 python -m trainers.lokr report demo/train

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The LoKr's module set on the lowest and the highest transformers that setup.cfg allows
 # (CLIP's attention class is CLIPAttention, CLIPSdpaAttention or CLIPFlashAttention2 by version):
-# tests/test_recipe_network.py in a throwaway venv per version. Run by .ci/run.
+# tests/trainer/network/test_recipe_network.py in a throwaway venv per version. Run by .ci/run.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 lowest=$(sed -n 's/^ *transformers>=\([0-9.]*\).*/\1/p' setup.cfg)
@@ -11,7 +11,7 @@ for spec in "transformers==${lowest}.*" "transformers"; do   # lowest allowed; n
     python3 -m venv "$tmp/venv"
     "$tmp/venv/bin/pip" install -q "torch==2.13.0"
     "$tmp/venv/bin/pip" install -q -e '.[train,test]' "$spec"
-    echo "tests/test_recipe_network.py with $("$tmp/venv/bin/python" -c 'import transformers as t; print("transformers", t.__version__)')"
-    "$tmp/venv/bin/python" -m pytest -q -p no:cacheprovider tests/test_recipe_network.py
+    echo "tests/trainer/network/test_recipe_network.py with $("$tmp/venv/bin/python" -c 'import transformers as t; print("transformers", t.__version__)')"
+    "$tmp/venv/bin/python" -m pytest -q -p no:cacheprovider tests/trainer/network/test_recipe_network.py
     rm -rf "$tmp/venv"
 done

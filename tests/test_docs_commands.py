@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from tests.shardfactory import CLASSES, _image
+from tests.helpers import REPO
+from tests.helpers.shards import CLASSES, _image
 
-REPO = Path(__file__).resolve().parents[1]
 MARK = "<!-- commands: tests/test_docs_commands.py -->"
 
 
@@ -52,6 +52,7 @@ def write_wds(folder: Path, n: int = 12) -> None:
             sink.write({"__key__": f"{i:06d}", "png": buf.getvalue(), "txt": f"{cls}, tag{i % 3}, sky"})
 
 
+@pytest.mark.slow
 def test_docs_shards_walkthrough(tmp_path):
     demo, foreign = marked_commands("docs/shards.md")
     outputs = run_lines(demo, tmp_path)
@@ -66,6 +67,7 @@ def test_docs_shards_walkthrough(tmp_path):
     assert (tmp_path / "runs" / "wds" / "lokr.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_readme_shard_commands(tmp_path):
     (lines,) = marked_commands("README.md")
     demo, _ = marked_commands("docs/shards.md")
@@ -75,8 +77,9 @@ def test_readme_shard_commands(tmp_path):
     assert (tmp_path / "train" / "2_danbooru").is_dir() and (tmp_path / "wds" / "manifest.json").is_file()
 
 
+@pytest.mark.slow
 def test_docs_lokr_file_workflow(tmp_path):
-    from tests.shardfactory import make_test_shards
+    from tests.helpers.shards import make_test_shards
 
     (lines,) = marked_commands("docs/lokr.md")
     make_test_shards(tmp_path / "out", n=12)

@@ -1,17 +1,16 @@
 """scripts/mutation.py as docs/testing.md shows it: the module list, and a two-mutant run."""
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_list():
     out = subprocess.run([sys.executable, "scripts/mutation.py", "--list"], cwd=REPO, check=True,
                          capture_output=True, text=True).stdout
-    assert out.startswith("hakubooru/rng.py: tests/test_rng.py")
+    assert out.startswith("hakubooru/rng.py: tests/hakubooru/test_rng.py")
     assert "trainers/lokr/train.py: " in out and "(lines: step-functions)" in out
 
 

@@ -13,11 +13,11 @@ import pytest
 
 from hakubooru.db import open_db
 from hakubooru.selector import Selector
-from tests.shardfactory import make_test_shards
+from tests.helpers import REPO
+from tests.helpers.shards import make_test_shards
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
 
-REPO = Path(__file__).resolve().parents[1]
 WORKERS = 2
 GONE_WITHIN = 5.0  # seconds after the parent's death
 
@@ -114,6 +114,7 @@ def shards(tmp_path_factory):
     return make_test_shards(tmp_path_factory.mktemp("orphan_shards"), n=100).dir
 
 
+@pytest.mark.slow
 def test_cache_workers_die_with_the_cache_build(shards, tmp_path):
     out = tmp_path / "latents"
     # 100 images, one per VAE call and per chunk: 2 chunk files = batches 0 and 1 arrived
@@ -123,6 +124,7 @@ def test_cache_workers_die_with_the_cache_build(shards, tmp_path):
         tmp_path / "stderr.txt", ready=lambda: len(list(out.glob("latents-*.safetensors"))) >= 2, stop=True)
 
 
+@pytest.mark.slow
 def test_training_workers_die_with_the_training(shards, tmp_path):
     metrics = tmp_path / "run" / "metrics.jsonl"
     # far more steps than it takes before the kill; step 1 (grad_accum 2) used batches 0 and 1

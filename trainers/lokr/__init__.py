@@ -1,4 +1,10 @@
-"""SDXL LoKr trainer on hakubooru shard folders: ``python -m trainers.lokr --help``."""
+"""SDXL LoKr trainer on hakubooru shard folders: ``python -m trainers.lokr --help``.
+
+The loop sits here (``train``, ``config``, ``state``, ``distributed``, the commands); below it
+``observe/`` (samples, curves, reports), ``network/`` (the LoKr and its file) and ``data/``
+(shards → batches, the latent cache), and at the bottom ``sdxl/`` (the base model). Imports
+flow down only — docs/architecture.md, checked by tests/test_imports.py.
+"""
 import logging
 
 # bitsandbytes' CPU backend warns on import about a 4-bit GEMM kernel that Lion8bit never uses

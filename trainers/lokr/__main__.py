@@ -8,6 +8,7 @@
     python -m trainers.lokr merge --pretrained sdxl/ --lokr run/lokr.safetensors --out merged.safetensors
     python -m trainers.lokr convert --lokr run/lokr.safetensors --to diffusers --out lokr-diffusers.safetensors
     python -m trainers.lokr report run/ [--html curves.html]
+    python -m trainers.lokr report --dataset out/ --config epsilon --gpus 4 [--html report.html]
 
 Errors in the input are one line (``error: ...``, exit status 2).
 """
@@ -68,18 +69,21 @@ def main(argv=None) -> int:
 
 def _main(argv: list) -> int:
     if argv[:1] == ["merge"]:
-        from trainers.lokr import merge
+        from trainers.lokr.network import merge
         return merge.main(argv[1:]) or 0
     if argv[:1] == ["convert"]:
-        from trainers.lokr import convert
+        from trainers.lokr.network import convert
         return convert.main(argv[1:]) or 0
+    if argv[:1] == ["report"] and any(a == "--dataset" or a.startswith("--dataset=") for a in argv):
+        from trainers.lokr.observe import dataset_report
+        return dataset_report.main(argv[1:]) or 0
     if argv[:1] == ["report"]:
-        from trainers.lokr import report
+        from trainers.lokr.observe import report
         return report.main(argv[1:]) or 0
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
     if args.dry_run:
-        from trainers.lokr import dryrun
+        from trainers.lokr.observe import dryrun
         return dryrun.main(cfg) or 0
     if not args.shards:
         raise HakubooruError("no data: pass --shards DIR, a shard folder written by `python -m hakubooru build`")

@@ -22,23 +22,25 @@ from tqdm import tqdm
 from hakubooru.errors import HakubooruError
 from hakubooru.manifest import write_atomic
 from hakubooru.rng import hash64
-from trainers.lokr import metadata, models, sampling
-from trainers.lokr.bucketing import make_buckets
+from trainers.lokr.network import metadata
+from trainers.lokr.sdxl.model import AMP_DTYPES, base_model_hash, load_base_model
+from trainers.lokr.observe import sampling
+from trainers.lokr.data.bucketing import make_buckets
 from trainers.lokr.config import check_resume_config, config_fingerprint, config_json
-from trainers.lokr.data import BatchDataset, BatchPlan, load_index, make_loader
-from trainers.lokr.latents import encode_latents
+from trainers.lokr.data.batches import BatchPlan, make_loader
+from trainers.lokr.data.index import load_index
+from trainers.lokr.data.vae_encode import encode_latents
 from trainers.lokr.distributed import Dist, all_reduce_grads, all_reduce_sum, barrier, init_distributed, shutdown
-from trainers.lokr.latent_cache import batch_dataset, cached_latents, open_cache
-from trainers.lokr.naming import to_diffusers
-from trainers.lokr.network import (create_lokr, init_from_lokr, lokr_param_groups, lokr_preset, lokr_state_dict,
+from trainers.lokr.data.latent_cache import batch_dataset, cached_latents, open_cache
+from trainers.lokr.network.naming import to_diffusers
+from trainers.lokr.network.lokr import (create_lokr, init_from_lokr, lokr_param_groups, lokr_preset, lokr_state_dict,
                                    save_lokr)
 from trainers.lokr.state import load_latest_state, save_state, state_dir
-from trainers.lokr.tblog import ScalarLog
-from trainers.lokr.text import encode_prompts
+from trainers.lokr.observe.tblog import ScalarLog
+from trainers.lokr.sdxl.text import encode_prompts
 
 MIN_BITSANDBYTES = (0, 41, 1)  # 0.36.0–0.41.0 have the 8-bit dynamic-map bug
 KILL_AFTER_STATE_ENV = "LOKR_TEST_KILL_AFTER_STATE"  # tests: SIGKILL right after writing this step's state
-AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}
 
 
 # ---------------------------------------------------------------- the pieces of one step
@@ -102,16 +104,6 @@ def check_bitsandbytes():
     return bnb
 
 
-def load_base_model(cfg: dict, weight_dtype: torch.dtype):
-    """The SDXL parts named by ``model.pretrained`` ("tiny" = the built-in tiny model)."""
-    pretrained = cfg["model"]["pretrained"]
-    if pretrained == "tiny":
-        sdxl = models.tiny_sdxl(seed=0)
-        return sdxl if weight_dtype == torch.float32 else sdxl.to(dtype=weight_dtype)
-    return models.load_sdxl(pretrained, dtype=weight_dtype, tokenizers=cfg["model"]["tokenizers"] or None,
-                            config=cfg["model"]["config"] or None)
-
-
 @dataclass
 class Progress:
     """Where the run is: what a training state records besides the weights."""
@@ -146,7 +138,7 @@ class Run:
     total_steps: int
     steps_per_epoch: int
     current_plan: BatchPlan
-    latent_cache: object = None  # trainers/lokr/latent_cache.py; None: encode the images
+    latent_cache: object = None  # trainers/lokr/data/latent_cache.py; None: encode the images
 
     @property
     def global_batch(self) -> int:
@@ -214,7 +206,7 @@ def setup(cfg: dict, shards, output, *, resume=None, allow_config_change: bool =
         raise HakubooruError(f"{shards}: {len(index)} samples give {len(plan)} full batches of {global_batch} "
                              f"per epoch, fewer than one optimizer step ({tc['grad_accum']} batches)")
     total = tc["max_steps"] or tc["epochs"] * steps_per_epoch
-    base_hash = models.base_model_hash(cfg["model"]["pretrained"]) if d.is_main else ""  # for LoKr metadata
+    base_hash = base_model_hash(cfg["model"]["pretrained"]) if d.is_main else ""  # for LoKr metadata
     tags = metadata.tag_frequency(shards, index) if d.is_main else {}
     cache = open_cache(cfg, shards, index, sdxl.vae, log=d.is_main)
     return Run(cfg, d, Path(shards), Path(output), index, buckets, sdxl, network, optimizer, scaler,
@@ -256,7 +248,7 @@ def state_payload(run: Run) -> dict:
 
 
 def lokr_metadata(run: Run) -> dict:
-    """Metadata strings stored in each LoKr file (trainers/lokr/metadata.py)."""
+    """Metadata strings stored in each LoKr file (trainers/lokr/network/metadata.py)."""
     p = run.progress
     return metadata.lokr_metadata(
         run.cfg, step=p.step, epoch=p.epoch, total_steps=run.total_steps, batches_per_epoch=len(run.current_plan),
@@ -319,7 +311,7 @@ def _loop(run: Run) -> dict:
     cfg, d, p = run.cfg, run.dist, run.progress
     tc, dc = cfg["train"], cfg["data"]
     accum, device = tc["grad_accum"], d.device
-    network, optimizer, scaler = run.network, run.optimizer, run.scaler
+    optimizer, scaler = run.optimizer, run.scaler
     params = [q for g in optimizer.param_groups for q in g["params"]]
     kill_after = int(os.environ.get(KILL_AFTER_STATE_ENV, "-1"))
     images_per_step = run.global_batch * accum
