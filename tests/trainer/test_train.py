@@ -96,6 +96,7 @@ def test_tiny_loss_falls_and_files_are_written(shards, tmp_path, capsys):
     assert any(k.startswith("lora_te1_") for k in weights) and any(k.startswith("lora_te2_") for k in weights)
 
 
+@pytest.mark.slow
 def test_nonfinite_steps_are_skipped_then_abort(shards, tmp_path):
     # An absurd learning rate blows the weights up after the first update: every later loss is
     # non-finite, each such step is skipped and counted, and the third in a row stops the run.
@@ -121,6 +122,7 @@ def test_trains_a_diffusers_folder_and_records_the_base_model(shards, tmp_path):
     assert json.loads(meta["config"])["train"]["max_steps"] == 2
 
 
+@pytest.mark.slow
 def test_grad_accum_step_gradient_is_the_mean_of_the_micro_batch_gradients(shards, tmp_path, monkeypatch):
     # grad_accum = 2, no clipping, fp32: the gradient the optimizer steps on must be
     # (g0 + g1) / 2, with g_k the gradient of micro-batch k's loss alone (each computed below)

@@ -172,6 +172,7 @@ def test_refusals_name_what_differs(shards, reference, tmp_path):
         build_cache(load_config("tiny"), shards, reference, dtype="fp16", chunk_size=4, batch_size=2)
 
 
+@pytest.mark.slow
 def test_gpu_step_benchmark_runs_the_cached_step():
     sys.path.insert(0, str(REPO / "benchmarks"))
     import bench_gpu_step

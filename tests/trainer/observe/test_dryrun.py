@@ -70,6 +70,7 @@ def test_file_size_estimate_matches_a_saved_file(tmp_path):
     assert abs(estimate - os.path.getsize(path)) / os.path.getsize(path) < 0.02
 
 
+@pytest.mark.slow
 def test_gpu_bench_smoke_on_cpu(capsys):
     # The GPU benchmark's code path, run on the CPU with the tiny model: one timed step.
     assert bench_gpu_step.main(["--device", "cpu", "--tiny", "--steps", "1", "--batch", "1", "--no-baseline"]) == 0

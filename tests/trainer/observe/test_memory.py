@@ -2,6 +2,7 @@
 step benchmark's CPU smoke path (phases on the tiny model)."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from trainers.lokr.observe.memory import LiveBytes, PhaseMeter
@@ -43,6 +44,7 @@ def test_live_bytes_sees_saved_activations_and_gradients():
     assert "UNet forward" in meter.table()
 
 
+@pytest.mark.slow
 def test_gpu_step_benchmark_cpu_smoke(capsys):
     from benchmarks.bench_gpu_step import main
 
