@@ -32,6 +32,7 @@ from .procs import die_with_parent
 from .selector import Selection, load_selection
 from .shardwriter import CHECKSUM, ShardWriter, member_hash
 from .sources import ImageSource, MemberReader
+from .tagcounts import add_tags, merge_counts, record_tags, write_tag_counts
 
 ROW_COLUMNS = ("id", "image_offset", "image_size", "txt_offset", "txt_size",
                "json_offset", "json_size", "width", "height", "ext", *mf.HASH_COLUMNS)
@@ -106,6 +107,7 @@ def _write_shard(out: str, k: int, entries: list, policy: ImagePolicy) -> tuple[
     out = Path(out)
     rows = {name: [] for name in ROW_COLUMNS}
     skipped = []
+    tags: dict[str, int] = {}
     writer = ShardWriter(out / mf.shard_name(k))
     try:
         with MemberReader() as reader:
@@ -122,6 +124,7 @@ def _write_shard(out: str, k: int, entries: list, policy: ImagePolicy) -> tuple[
                     skipped.append([post_id, e.reason, e.detail])
                     continue
                 record = {**record, "width": stored.width, "height": stored.height}
+                add_tags(tags, record_tags(record))
                 members = {stored.ext: stored.data,
                            "json": json.dumps(record, ensure_ascii=False).encode(),
                            "txt": caption.encode()}
@@ -139,8 +142,15 @@ def _write_shard(out: str, k: int, entries: list, policy: ImagePolicy) -> tuple[
         writer.abort()
         raise
     sidecar = {"name": mf.shard_name(k), "samples": writer.count, "size": size,
-               CHECKSUM: checksum, "rows": rows, "skipped": skipped}
+               CHECKSUM: checksum, "rows": rows, "skipped": skipped, "tags": tags}
     return writer, sidecar
+
+
+def _write_tag_counts(out: Path, manifest: dict, sidecars: list[dict]) -> None:
+    """tag_counts.parquet from the shards' own counts (sidecars of an older hakubooru have none:
+    then the trainer counts once)."""
+    if all("tags" in s for s in sidecars):
+        write_tag_counts(out, merge_counts(s["tags"] for s in sidecars), manifest["fingerprint"])
 
 
 def _commit_shard(out: str, k: int, writer: ShardWriter, sidecar: dict) -> dict:
@@ -258,7 +268,7 @@ def build_shards(db, images, selection, out, *, captioner=None, caption_options=
         finally:
             bar.close()
         with lock.shared_files():
-            result.complete = mf.assemble(out, plan) is not None
+            result.complete = mf.assemble(out, plan, functools.partial(_write_tag_counts, out)) is not None
     result.seconds = time.perf_counter() - started
     print(result.summary(), file=sys.stderr)  # even when progress bars are off
     return result
@@ -323,7 +333,7 @@ def merge(out) -> dict:
             f"{out}: {len(missing)} of {plan['shard_count']} shards not finished "
             f"(first: {', '.join(missing[:3])}); build the remaining parts first")
     with BuildLock(out) as lock, lock.shared_files():
-        manifest = mf.assemble(out, plan)
+        manifest = mf.assemble(out, plan, functools.partial(_write_tag_counts, out))
     counts = manifest["counts"]
     print(f"{out}: merged {plan['shard_count']} shards; {counts['written']} written, "
           f"{counts['skipped']} skipped", file=sys.stderr)

@@ -74,8 +74,14 @@ def _write_tmp(path: Path, data: bytes) -> Path:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write a file under a temporary name, then rename it into place."""
-    os.replace(_write_tmp(path, data), path)
+    """Write a file under a temporary name, then rename it into place (the temporary file is
+    removed when the rename fails)."""
+    tmp = _write_tmp(path, data)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_parquet(path: Path, table: pa.Table) -> None:
@@ -162,10 +168,11 @@ def finished_sidecar(out: Path, k: int, verify: bool) -> dict | None:
     return sidecar
 
 
-def assemble(out: Path, plan: dict) -> dict | None:
+def assemble(out: Path, plan: dict, before_manifest=None) -> dict | None:
     """Write manifest.json, index.parquet and skipped.parquet if every shard is finished
     (sizes checked against the sidecars); returns the manifest, or None if shards are missing.
-    Hold the folder's BuildLock (``with lock:``) around it."""
+    ``before_manifest(manifest, sidecars)`` writes what else belongs to the finished folder
+    (manifest.json, written last, marks it complete). Hold the folder's BuildLock around it."""
     sidecars = [finished_sidecar(out, k, verify=False) for k in range(plan["shard_count"])]
     if any(s is None for s in sidecars):
         return None
@@ -197,5 +204,7 @@ def assemble(out: Path, plan: dict) -> dict | None:
     manifest["fingerprint"] = "xxh3_128:" + xxhash.xxh3_128(dump_json(manifest)).hexdigest()
     image_ext = columns["ext"][0] if columns["ext"] else "webp"  # no sample: any image column
     write_atomic(out / CARD_FILE, dataset_card(manifest, image_ext))  # a function of the manifest
+    if before_manifest is not None:
+        before_manifest(manifest, sidecars)
     write_atomic(out / MANIFEST_FILE, dump_json(manifest))
     return manifest

@@ -34,6 +34,7 @@ from .manifest import (FORMAT, HASH_COLUMNS, INDEX_SCHEMA, MANIFEST_FILE, SKIPPE
                        write_atomic, write_parquet)
 from .shardfolder import INDEX_FILE, shard_folder
 from .shardwriter import CHECKSUM, file_checksum, member_hash
+from .tagcounts import add_tags, caption_tags, json_tags, merge_counts, write_tag_counts
 
 WDS_FORMAT = "hakubooru-webdataset-index/1"
 WDS_INDEX_SCHEMA = INDEX_SCHEMA.append(pa.field("key", pa.string()))
@@ -101,6 +102,7 @@ def index_webdataset(folder, progress: bool = True) -> dict:
         "files": {"index": INDEX_FILE, "skipped": SKIPPED_FILE},
     }
     manifest["fingerprint"] = "xxh3_128:" + xxhash.xxh3_128(dump_json(manifest)).hexdigest()
+    write_tag_counts(root, merge_counts(p["tags"] for p in parts), manifest["fingerprint"])
     write_atomic(root / MANIFEST_FILE, dump_json(manifest))
     c = manifest["counts"]
     print(f"{root}: indexed {len(tars)} shards; {c['written']} samples ({c['with_txt']} with "
@@ -113,7 +115,8 @@ def index_webdataset(folder, progress: bool = True) -> dict:
 
 def _scan(path: Path) -> tuple[dict, list[tuple]]:
     """The samples of one tar (in member order) as columns — ``key``, ``ext`` lists, ``shard``,
-    NumPy int64 arrays for the rest — and the skipped ones (key, shard, reason)."""
+    NumPy int64 arrays for the rest, ``tags`` their tag counts — and the skipped ones (key, shard,
+    reason)."""
     groups: dict[str, dict[str, tarfile.TarInfo]] = {}
     try:
         tar = tarfile.open(path, "r:")
@@ -128,7 +131,7 @@ def _scan(path: Path) -> tuple[dict, list[tuple]]:
         except (tarfile.TarError, OSError):
             raise HakubooruError(f"{path}: the tar is damaged or cut short; repair or remove "
                                  "it") from None
-    found = {"key": [], "ext": [], "shard": path.name}
+    found = {"key": [], "ext": [], "shard": path.name, "tags": {}}
     ints = {name: [] for name in _INT_COLUMNS}
     hashes = {name: [] for name in HASH_COLUMNS}
     skipped = []
@@ -151,12 +154,18 @@ def _scan(path: Path) -> tuple[dict, list[tuple]]:
                 m = members.get(name)
                 values[f"{name}_offset"] = m.offset_data if m else -1
                 values[f"{name}_size"] = m.size if m else -1
+            data = {}
             for name, m in (("image", image), ("txt", members.get("txt")), ("json", members.get("json"))):
                 if m:  # the trainer checks each member it reads against this (0: no such member)
                     f.seek(m.offset_data)
-                    hashes[f"{name}_xxh3"].append(member_hash(f.read(m.size)))
+                    data[name] = f.read(m.size)
+                    hashes[f"{name}_xxh3"].append(member_hash(data[name]))
                 else:
                     hashes[f"{name}_xxh3"].append(0)
+            tags = json_tags(data.get("json"), f"sample {key} in {path.name}")
+            if tags is None and "txt" in data:
+                tags = caption_tags(data["txt"])
+            add_tags(found["tags"], tags or ())
             for name in _INT_COLUMNS:
                 ints[name].append(values[name])
     found.update({name: np.array(v, np.int64) for name, v in ints.items()})

@@ -432,7 +432,8 @@ def _webdataset(folder: Path, samples: dict[str, dict[str, bytes]]) -> Path:
 def test_tag_frequency_metadata_by_hand(tmp_path):
     """ss_tag_frequency's counts: a caption record's groups where the sample has one (its .txt
     then unused), else the .txt split at commas, stripped, lower-cased; samples with neither are
-    left out; most frequent first, ties by name. An empty .json is a damaged record: one line."""
+    left out; most frequent first, ties by name. An empty .json is a damaged record: `index`
+    refuses the folder in one line."""
     from trainers.lokr.data.index import load_index
     from trainers.lokr.network.metadata import tag_frequency
 
@@ -447,9 +448,9 @@ def test_tag_frequency_metadata_by_hand(tmp_path):
     counts = tag_frequency(folder, load_index(folder))
     # sky: samples 1, 2, 3; 1girl: 1, 2; smile: 1; tree: 2
     assert list(counts.items()) == [("sky", 3), ("1girl", 2), ("smile", 1), ("tree", 1)]
-    damaged = _webdataset(tmp_path / "damaged", {"000005": {"png": _png(), "json": b"", "txt": b"sky"}})
-    with pytest.raises(HakubooruError, match="post 5 in 00000.tar: its .json record is not valid JSON"):
-        tag_frequency(damaged, load_index(damaged))
+    assert (folder / "tag_counts.parquet").is_file()  # written by `index`, read by the trainer
+    with pytest.raises(HakubooruError, match="sample 000005 in 00000.tar: its .json record is not valid JSON"):
+        _webdataset(tmp_path / "damaged", {"000005": {"png": _png(), "json": b"", "txt": b"sky"}})
 
 
 def test_dataset_and_model_hash_metadata_by_hand(tmp_path):

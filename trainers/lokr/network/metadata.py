@@ -16,10 +16,7 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
-from tqdm import tqdm
-
-from hakubooru.errors import HakubooruError
+from hakubooru.tagcounts import ensure_tag_counts
 from trainers.lokr.network.lokr import FULL_MATRIX_DIM
 from trainers.lokr.sdxl.text import WINDOW
 
@@ -55,43 +52,11 @@ def legacy_model_hash(path: str | os.PathLike) -> str | None:
         return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
 
 
-def tag_frequency(shards, index) -> dict[str, int]:
-    """How many samples carry each tag, counted as sd-scripts counts a caption folder's tags
-    (each caption split at commas, stripped, lower-cased): from the samples' `.json` records,
-    or their `.txt` captions where there is no record (webdataset folders from other tools)."""
-    counts: dict[str, int] = {}
-    root = Path(shards)
-    order = np.lexsort((index.json_offset, index.shard))  # read each shard front to back
-    handles = {}
-
-    def read(f, offset, size) -> bytes:
-        f.seek(offset)
-        return f.read(size)
-
-    try:
-        for row in tqdm(order, desc="counting tags", unit="sample", leave=False, mininterval=1):
-            name = index.shard_names[index.shard[row]]
-            f = handles.get(name) or handles.setdefault(name, open(root / name, "rb"))
-            record = None
-            if index.json_size[row] >= 0:
-                try:
-                    record = json.loads(read(f, index.json_offset[row], index.json_size[row]))
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    raise HakubooruError(f"post {index.ids[row]} in {name}: its .json record is not valid JSON") from None
-            if isinstance(record, dict) and "keep" in record:
-                tags = [t for g in ("keep", "general", "quality", "year", "meta", "rating_tags") for t in record.get(g, ())]
-            elif index.txt_size is not None and index.txt_size[row] >= 0:
-                tags = read(f, index.txt_offset[row], index.txt_size[row]).decode("utf-8", "replace").split(",")
-            else:
-                continue
-            for tag in tags:
-                tag = tag.strip().lower()
-                if tag:
-                    counts[tag] = counts.get(tag, 0) + 1
-    finally:
-        for f in handles.values():
-            f.close()
-    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+def tag_frequency(shards, index, *, workers: int = 4) -> dict[str, int]:
+    """How many times each tag occurs in the captions, as sd-scripts counts a caption folder
+    (each tag stripped, lower-cased), most frequent first: the folder's ``tag_counts.parquet``
+    (hakubooru.tagcounts), counted once from the records if the build did not write it."""
+    return ensure_tag_counts(shards, index.fingerprint, workers=workers)
 
 
 def network_args(cfg: dict) -> dict[str, str]:
