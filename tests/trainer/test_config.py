@@ -29,6 +29,7 @@ def test_epsilon_is_the_recipe():
     assert t["mixed_precision"] == "fp16" and t["gradient_checkpointing"] and t["train_text_encoders"]
     assert cfg["lokr"]["full_matrix"] is True
     assert cfg["model"]["pretrained"] == ""
+    assert t["ddp_timeout"] == 30 * 60  # torch's default collective timeout, in seconds
 
 
 def test_tiny_changes_only_what_it_lists():
@@ -73,6 +74,7 @@ def test_user_toml_file_layers_on_epsilon(tmp_path):
     ("train.batch_size=2.5", "'train.batch_size' must be int"),
     ("train.mixed_precision=fp8", "'train.mixed_precision' must be one of fp16, bf16, no"),
     ("optimizer.lr_unet=0", "'optimizer.lr_unet' must be > 0"),
+    ("train.ddp_timeout=0", "'train.ddp_timeout' must be > 0"),
     ("optimizer.betas=[0.9]", "'optimizer.betas' must be two numbers"),
     ("data.tag_dropout=1.0", "'data.tag_dropout' must be < 1"),
     ("data.resolution=100", "multiple of 8"),
@@ -178,6 +180,11 @@ def test_resume_config_rules():
     # workers never change a result: accepted without a flag, and not part of the fingerprint
     assert check_resume_config(saved, load_config("tiny", ["data.workers=3"]), False) == ["data.workers"]
     assert config_fingerprint(load_config("tiny", ["data.workers=3"])) == config_fingerprint(saved)
+    # so is the collective timeout, and a state written before the key existed resumes
+    assert check_resume_config(saved, load_config("tiny", ["train.ddp_timeout=7200"]), False) == ["train.ddp_timeout"]
+    before_the_key = load_config("tiny")
+    del before_the_key["train"]["ddp_timeout"]
+    assert check_resume_config(before_the_key, saved, False) == ["train.ddp_timeout"]
     # more steps: only with the flag
     longer = load_config("tiny", ["train.max_steps=50"])
     with pytest.raises(HakubooruError, match="--allow-config-change"):

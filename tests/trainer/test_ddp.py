@@ -90,3 +90,37 @@ def test_single_process_place_is_fixed_and_leaves_a_callers_process_group(tmp_pa
         assert dist.is_initialized()
     finally:
         dist.destroy_process_group()
+
+
+TIMEOUT_PROBE = '''
+import os, sys, time
+import torch.distributed as dist
+from trainers.lokr.distributed import init_distributed
+d = init_distributed(float(sys.argv[1]))
+marker = sys.argv[2]
+if d.rank == 0:
+    time.sleep(8)  # rank 0's long start-up; rank 1 waits at the first collective meanwhile
+    print("rank 0 woke; rank 1 had", "given up" if os.path.exists(marker) else "not given up", flush=True)
+    os._exit(0)
+try:
+    dist.barrier()
+    print("rank 1 barrier passed", flush=True)
+except Exception:
+    open(marker, "w").close()
+    print("rank 1 timed out", flush=True)
+os._exit(0)
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("timeout, rank0", [(2, "had given up"), (60, "had not given up")])
+def test_ddp_timeout_is_how_long_a_collective_waits(tmp_path, timeout, rank0):
+    # rank 0 sleeps 8 s before its first collective: with a 2 s timeout rank 1's barrier has
+    # given up by then, with 60 s it is still waiting (only the order is checked, no durations)
+    probe = tmp_path / "probe.py"
+    probe.write_text(TIMEOUT_PROBE)
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(probe), str(timeout), str(tmp_path / "gave-up")], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert f"rank 0 woke; rank 1 {rank0}" in proc.stdout, proc.stdout + proc.stderr[-2000:]

@@ -24,7 +24,7 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 BUNDLED = sorted(p.stem for p in CONFIG_DIR.glob("*.toml"))
 
 # Keys whose change cannot alter the result of a resumed run: accepted on resume without a flag.
-FREE_ON_RESUME = {"data.workers", "train.save_every", "train.keep_states", "train.checkpoint_every",
+FREE_ON_RESUME = {"data.workers", "train.ddp_timeout", "train.save_every", "train.keep_states", "train.checkpoint_every",
                   "train.max_nonfinite_in_row", "lokr.naming", "train.log_with", "sample.every", "sample.at_end",
                   "sample.sampler", "sample.width", "sample.height", "sample.steps", "sample.guidance",
                   "sample.negative_prompt", "sample.prompts"}
@@ -56,7 +56,7 @@ _LOWER_BOUNDS = [
     ("train.min_snr_gamma", 0, False), ("train.noise_offset", 0, False),
     ("train.max_grad_norm", 0, False), ("train.max_nonfinite_in_row", 1, False),
     ("train.save_every", 1, False), ("train.keep_states", 1, False),
-    ("train.checkpoint_every", 1, False), ("optimizer.lr_unet", 0, True),
+    ("train.checkpoint_every", 1, False), ("train.ddp_timeout", 0, True), ("optimizer.lr_unet", 0, True),
     ("optimizer.lr_text", 0, True), ("optimizer.weight_decay", 0, False),
     ("optimizer.warmup_steps", 0, False), ("sample.every", 0, False),
 ]

@@ -9,11 +9,14 @@ explicit all-reduce is used instead of wrapping a module in ``DistributedDataPar
 """
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+DEFAULT_TIMEOUT_S = 1800  # torch's own default for gloo and nccl: 30 min
 
 
 @dataclass(frozen=True)
@@ -31,8 +34,10 @@ class Dist:
         return self.rank == 0
 
 
-def init_distributed() -> Dist:
-    """Join torchrun's process group if launched by it; otherwise a single process."""
+def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> Dist:
+    """Join torchrun's process group if launched by it; otherwise a single process.
+    ``timeout_s``: how long a collective waits for the slowest rank before the run fails
+    (``train.ddp_timeout``; rank 0's start-up work before the first collective must fit)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -43,7 +48,8 @@ def init_distributed() -> Dist:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                                device_id=device if device.type == "cuda" else None)
+                                device_id=device if device.type == "cuda" else None,
+                                timeout=datetime.timedelta(seconds=timeout_s))
     return Dist(rank, world_size, local_rank, device)
 
 

@@ -155,7 +155,7 @@ class Run:
 def setup(cfg: dict, shards, output, *, resume=None, allow_config_change: bool = False) -> Run:
     """Read the index, build the model and its LoKr, the optimizer, and restore the newest
     valid state when resuming. Nothing here reads image data."""
-    d = init_distributed()
+    d = init_distributed(cfg["train"]["ddp_timeout"])
     tc, oc, dc = cfg["train"], cfg["optimizer"], cfg["data"]
     if not cfg["model"]["pretrained"]:
         raise HakubooruError("no base model: pass --pretrained PATH (a diffusers SDXL folder or a single-file "

@@ -112,7 +112,7 @@ def build_cache(cfg: dict, shards, out=None, *, dtype: str = "fp16", chunk_size:
     if not cfg["model"]["pretrained"]:
         raise HakubooruError("no base model: pass --pretrained PATH (the SDXL model the LoKr will be trained on), "
                              "or --config tiny for the built-in tiny model")
-    d = init_distributed()
+    d = init_distributed(cfg["train"]["ddp_timeout"])
     try:
         return _build(cfg, shards, Path(out) if out else cache_dir(cfg, shards), d, dtype, chunk_size, batch_size,
                       cfg["data"]["workers"] if workers is None else workers)
