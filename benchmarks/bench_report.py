@@ -26,15 +26,20 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import xxhash
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import BENCH_DATA, ROOT  # noqa: E402
-from hakubooru.manifest import INDEX_SCHEMA  # noqa: E402
+from hakubooru.manifest import FORMAT, INDEX_SCHEMA  # noqa: E402
+from hakubooru.shardwriter import CHECKSUM, member_hash  # noqa: E402
+from hakubooru.tagcounts import add_tags, write_tag_counts  # noqa: E402
 
 PER_SHARD = 1000
 VERSION = 1
 SYLLABLES = [c + v for c in "bdgkmnprstz" for v in "aeiou"]
+TINY_PNG = bytes.fromhex("89504e470d0a1a0a0000000d49484452000000010000000108020000009077"
+                         "53de0000000c4944415408d763f8ffff3f0005fe02fea7d6a4c40000000049454e44ae426082")
 
 
 def tag_names(n: int, start: int) -> list[str]:
@@ -53,8 +58,12 @@ def tag_names(n: int, start: int) -> list[str]:
     return names
 
 
-def make_folder(rows: int) -> Path:
-    out = BENCH_DATA / f"report-{rows}"
+def make_folder(rows: int, trainable: bool = False, data: Path = BENCH_DATA) -> Path:
+    """The folder of ``rows`` records, made once. ``trainable``: a folder the trainer accepts
+    (bench-data/scale-<rows>/) — every sample also has a ``.txt`` caption and a tiny PNG, the
+    index has every member's xxh3-64, the manifest every shard's size and checksum, and
+    ``tag_counts.parquet`` is written as the build writes it."""
+    out = Path(data) / (f"scale-{rows}" if trainable else f"report-{rows}")
     done = out / "manifest.json"
     if done.is_file() and json.loads(done.read_text()).get("bench_version") == VERSION:
         return out
@@ -75,13 +84,24 @@ def make_folder(rows: int) -> Path:
     widths = rng.integers(500, 2400, size=rows)
     aspect = np.exp(rng.normal(0, 0.35, size=rows))
     heights = np.clip((widths / aspect).astype(np.int64), 300, 4000)
-    offsets = np.zeros(rows, dtype=np.int64)
-    sizes = np.zeros(rows, dtype=np.int64)
 
     def draw(group, size):  # Zipf-like popularity
         return vocab[group][np.minimum(rng.zipf(1.25, size=size) - 1, len(vocab[group]) - 1)].tolist()
 
     header = tarfile.TarInfo("x")
+    spans = {m: (np.zeros(rows, dtype=np.int64), np.zeros(rows, dtype=np.int64), np.zeros(rows, dtype=np.uint64))
+             for m in ("image", "txt", "json")}
+    tag_counts: dict[str, int] = {}
+    shards = []
+
+    def member(buf, name: str, data: bytes, i: int, column: str) -> None:
+        header.name, header.size = name, len(data)
+        buf.write(header.tobuf(format=tarfile.USTAR_FORMAT))
+        spans[column][0][i], spans[column][1][i] = buf.tell(), len(data)
+        if trainable:
+            spans[column][2][i] = member_hash(data)
+        buf.write(data + b"\0" * (-len(data) % 512))
+
     bar = tqdm(total=rows, unit="rec", desc="writing records")
     for s, start in enumerate(range(0, rows, PER_SHARD)):
         n = min(rows, start + PER_SHARD) - start
@@ -99,27 +119,36 @@ def make_folder(rows: int) -> Path:
                    "keep": [people[i % len(people)], keep[0][j], keep[1][j], keep[2][j]],
                    "general": general[ends[j] - int(n_general[j]):ends[j]], "meta": [meta[j]],
                    "quality": [qualities[i % 7]], "year": [years[i % 5]], "rating_tags": rating_tags[rating]}
-            data = json.dumps(rec, separators=(",", ":")).encode()
-            header.name, header.size = f"{i + 1}.json", len(data)
-            buf.write(header.tobuf(format=tarfile.USTAR_FORMAT))
-            offsets[i], sizes[i] = buf.tell(), len(data)
-            buf.write(data + b"\0" * (-len(data) % 512))
+            member(buf, f"{i + 1}.json", json.dumps(rec, separators=(",", ":")).encode(), i, "json")
+            if trainable:
+                tags = [t for g in ("keep", "general", "quality", "year", "meta", "rating_tags") for t in rec[g]]
+                add_tags(tag_counts, tags)
+                member(buf, f"{i + 1}.png", TINY_PNG, i, "image")
+                member(buf, f"{i + 1}.txt", ", ".join(tags).encode(), i, "txt")
         buf.write(b"\0" * 1024)
-        (out / f"shard-{s:06d}.tar").write_bytes(buf.getvalue())
+        data = buf.getvalue()
+        (out / f"shard-{s:06d}.tar").write_bytes(data)
+        shards.append({"name": f"shard-{s:06d}.tar", "samples": n, "size": len(data),
+                       CHECKSUM: xxhash.xxh3_128(data).hexdigest()})
         bar.update(n)
     bar.close()
     n_shards = -(-rows // PER_SHARD)
     shard = pa.DictionaryArray.from_arrays(np.arange(rows) // PER_SHARD,
                                            [f"shard-{s:06d}.tar" for s in range(n_shards)]).cast(pa.string())
     cols = {"id": np.arange(1, rows + 1), "shard": shard, "width": widths.astype(np.int32),
-            "height": heights.astype(np.int32), "ext": pa.array(["webp"] * rows)}
+            "height": heights.astype(np.int32), "ext": pa.array(["png" if trainable else "webp"] * rows)}
     for col in ("image", "txt", "json"):
-        cols[f"{col}_offset"], cols[f"{col}_size"] = offsets, sizes
+        # without the other members, the image and caption columns point at the record
+        offset, size, xxh = spans[col] if trainable else spans["json"]
+        cols[f"{col}_offset"], cols[f"{col}_size"], cols[f"{col}_xxh3"] = offset, size, xxh
     pq.write_table(pa.table({n: cols[n] for n in INDEX_SCHEMA.names}, schema=INDEX_SCHEMA),
                    out / "index.parquet")
-    done.write_text(json.dumps({"bench_version": VERSION, "fingerprint": f"bench-{rows}",
-                                "counts": {"selected": rows, "written": rows, "skipped": 0,
-                                           "skipped_by_reason": {}}}))
+    manifest = {"bench_version": VERSION, "format": FORMAT, "fingerprint": f"bench-{rows}",
+                "counts": {"selected": rows, "written": rows, "skipped": 0, "skipped_by_reason": {}}}
+    if trainable:
+        manifest["shards"] = shards
+        write_tag_counts(out, tag_counts, manifest["fingerprint"])
+    done.write_text(json.dumps(manifest))
     return out
 
 

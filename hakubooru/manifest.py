@@ -34,6 +34,7 @@ PARTS_DIR = ".parts"
 MANIFEST_FILE = "manifest.json"
 INDEX_FILE = "index.parquet"
 SKIPPED_FILE = "skipped.parquet"
+TAG_COUNTS_FILE = "tag_counts.parquet"  # hakubooru.tagcounts
 
 INDEX_SCHEMA = pa.schema([
     ("id", pa.int64()), ("shard", pa.string()),
@@ -176,7 +177,7 @@ def assemble(out: Path, plan: dict, before_manifest=None) -> dict | None:
     sidecars = [finished_sidecar(out, k, verify=False) for k in range(plan["shard_count"])]
     if any(s is None for s in sidecars):
         return None
-    remove_temporaries(out, (PLAN_FILE, MANIFEST_FILE, INDEX_FILE, SKIPPED_FILE))  # of killed runs
+    remove_temporaries(out, (PLAN_FILE, MANIFEST_FILE, INDEX_FILE, SKIPPED_FILE, TAG_COUNTS_FILE))  # of killed runs
     columns = {name: [] for name in INDEX_SCHEMA.names}
     skipped = {name: [] for name in SKIPPED_SCHEMA.names}
     reasons: dict[str, int] = {}

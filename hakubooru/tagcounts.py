@@ -27,10 +27,9 @@ from tqdm import tqdm
 
 from .captioner import CAPTION_GROUPS
 from .errors import HakubooruError
-from .manifest import INDEX_FILE, write_parquet
+from .manifest import INDEX_FILE, TAG_COUNTS_FILE, write_parquet
 from .procs import die_with_parent
 
-TAG_COUNTS_FILE = "tag_counts.parquet"
 SCHEMA = pa.schema([("tag", pa.string()), ("count", pa.int64())])
 
 

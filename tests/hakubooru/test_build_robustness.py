@@ -44,7 +44,7 @@ def test_clean_build_file_list(demo):
     assert names == [".hakubooru-build.json", ".hakubooru-build.lock", ".parts",
                      ".parts/shard-000000.json", ".parts/shard-000001.json", ".parts/shard-000002.json",
                      "README.md", "index.parquet", "manifest.json", "shard-000000.tar", "shard-000001.tar",
-                     "shard-000002.tar", "skipped.parquet"]
+                     "shard-000002.tar", "skipped.parquet", "tag_counts.parquet"]
 
 
 def test_rerun_removes_every_temporary_file_a_kill_leaves(demo, tmp_path):
@@ -53,7 +53,7 @@ def test_rerun_removes_every_temporary_file_a_kill_leaves(demo, tmp_path):
     (out / "shard-000001.tar").unlink()  # the shard being written when the build was killed
     (out / "manifest.json").unlink()
     debris = [".shard-000001.tar.tmp", ".manifest.json.0123abcd.tmp", ".index.parquet.4567ef.tmp",
-              ".skipped.parquet.89ab.tmp", "..hakubooru-build.json.cdef.tmp",
+              ".skipped.parquet.89ab.tmp", ".tag_counts.parquet.5a5a.tmp", "..hakubooru-build.json.cdef.tmp",
               ".parts/.shard-000001.json.0a1b2c.tmp", ".parts/.shard-000002.json.3d4e.tmp"]
     for name in debris:
         (out / name).write_bytes(b"half written")
