@@ -97,13 +97,15 @@ def read_tag_counts(root, fingerprint: str) -> dict[str, int] | None:
 
 def ensure_tag_counts(root, fingerprint: str, *, workers: int = 4, progress: bool = True) -> dict[str, int]:
     """The folder's tag counts: read from ``tag_counts.parquet``, or counted from the records
-    (``workers`` processes, shard by shard, each read front to back) and stored for next time.
-    A folder that cannot be written to gets one line saying the counts are not kept."""
+    (``workers`` processes, at most one per core; shard by shard, each read front to back) and
+    stored for next time. A folder that cannot be written to gets one line saying the counts are
+    not kept."""
     root = Path(root)
     counts = read_tag_counts(root, fingerprint)
     if counts is not None:
         return counts
     tasks = _shard_tasks(root)
+    workers = min(workers, os.cpu_count() or 1)  # more processes than cores only add merging
     print(f"counting the tags of {root} once ({sum(len(t[1]) for t in tasks):,} samples in {len(tasks)} "
           f"shards; stored in {TAG_COUNTS_FILE} for next time)", file=sys.stderr)
     bar = tqdm(total=sum(len(t[1]) for t in tasks), desc="counting tags", unit="sample", disable=not progress)
