@@ -3,8 +3,8 @@ import subprocess
 import sys
 
 import pytest
-from tests.helpers import REPO
 
+from tests.helpers import REPO
 
 
 def test_list():

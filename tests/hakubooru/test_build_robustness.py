@@ -13,22 +13,17 @@ import pytest
 
 from hakubooru.buildlock import LOCK_FILE
 from hakubooru.builder import build_shards, merge
-from hakubooru.db import open_db
 from hakubooru.errors import HakubooruError
-from hakubooru.selector import Selector
 from tests.helpers import REPO
 from tests.helpers.archives import folder_bytes
-
+from tests.helpers.builds import build_every_post
 
 
 @pytest.fixture(scope="module")
 def demo(synth_demo, tmp_path_factory):
     db_path, images = synth_demo
     tmp = tmp_path_factory.mktemp("robust")
-    Selector.all().save(tmp / "all.parquet", open_db(db_path))
-    out = tmp / "reference"
-    build_shards(db_path, images, tmp / "all.parquet", out, shard_size=200, cache_dir=tmp / "cache",
-                 progress=False)
+    out = build_every_post(synth_demo, tmp, tmp / "reference", shard_size=200)
     return {"db": db_path, "images": images, "tmp": tmp, "sel": tmp / "all.parquet", "out": out}
 
 

@@ -15,14 +15,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hakubooru import Selector, build_shards, open_db
+from hakubooru import open_db
 from hakubooru.tagrules import PEOPLE_COUNT_TAGS, format_tag
 from tests.helpers import REPO as ROOT
+from tests.helpers.builds import build_every_post
+from tests.helpers.html_tables import Tables
 from tests.helpers.shards import make_test_shards, write_shard_folder
 
 pytest.importorskip("matplotlib")
 pytest.importorskip("transformers")
-from tests.helpers.html_tables import Tables  # noqa: E402
 
 GROUPS = ("keep", "general", "quality", "year", "meta", "rating_tags")
 
@@ -45,12 +46,9 @@ def records_from_tars(folder: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def demo_report(synth_demo, tmp_path_factory):
-    db_path, images = synth_demo
     tmp = tmp_path_factory.mktemp("report")
-    Selector.all().save(tmp / "all.parquet", open_db(db_path))
-    build_shards(db_path, images, tmp / "all.parquet", tmp / "out", shard_size=40,
-                 cache_dir=tmp / "cache", progress=False)
-    proc = run_report(tmp / "out", "--html", tmp / "report.html", "--db", db_path, "--quiet")
+    build_every_post(synth_demo, tmp, tmp / "out", shard_size=40)
+    proc = run_report(tmp / "out", "--html", tmp / "report.html", "--db", synth_demo[0], "--quiet")
     assert proc.returncode == 0, proc.stderr
     return tmp, Tables((tmp / "report.html").read_text()), records_from_tars(tmp / "out"), proc
 

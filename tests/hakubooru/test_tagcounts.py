@@ -11,8 +11,8 @@ from collections import Counter
 import pyarrow.parquet as pq
 import pytest
 
-from hakubooru import Selector, build_shards, open_db
 from hakubooru.tagcounts import TAG_COUNTS_FILE, ensure_tag_counts, read_tag_counts
+from tests.helpers.builds import build_every_post
 from tests.helpers.shards import make_test_shards, write_shard_folder
 
 GROUPS = ("keep", "general", "quality", "year", "meta", "rating_tags")
@@ -34,13 +34,8 @@ def count_from_tars(folder) -> Counter:
 
 @pytest.fixture(scope="module")
 def built(synth_demo, tmp_path_factory):
-    db_path, images = synth_demo
     tmp = tmp_path_factory.mktemp("tagcounts")
-    Selector.all().save(tmp / "all.parquet", open_db(db_path))
-    out = tmp / "out"
-    build_shards(db_path, images, tmp / "all.parquet", out, shard_size=200, cache_dir=tmp / "cache",
-                 workers=2, progress=False)
-    return out
+    return build_every_post(synth_demo, tmp, tmp / "out", shard_size=200, workers=2)
 
 
 def test_the_build_writes_the_counts_of_its_records(built):

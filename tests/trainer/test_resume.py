@@ -15,11 +15,11 @@ import torch
 from hakubooru.errors import HakubooruError
 from tests.helpers import REPO
 from tests.helpers.shards import make_test_shards
+from tests.helpers.trainer_cli import run_cli, tensors
 from trainers.lokr.config import load_config
 from trainers.lokr.state import list_states, load_latest_state, read_state, save_state
 from trainers.lokr.train import KILL_AFTER_STATE_ENV, train
 
-from tests.helpers.trainer_cli import run_cli, tensors
 # 20 samples in 3 sizes (7, 7, 6), global batch 2: 3 + 3 + 3 batches, 4 optimizer steps of 2 per
 # epoch (one batch sits out), so 6 steps cross an epoch boundary; the kill at step 3 falls in the
 # learning-rate warmup.

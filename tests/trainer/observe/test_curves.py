@@ -14,7 +14,6 @@ from tests.helpers.html_tables import Tables
 from trainers.lokr.observe.report import smooth
 
 
-
 def run_report(*args):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "trainers.lokr", "report", *map(str, args)], env=env,
