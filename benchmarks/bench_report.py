@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import BENCH_DATA, ROOT  # noqa: E402
 from hakubooru.manifest import FORMAT, INDEX_SCHEMA  # noqa: E402
 from hakubooru.shardwriter import CHECKSUM, member_hash  # noqa: E402
-from hakubooru.tagcounts import add_tags, write_tag_counts  # noqa: E402
+from hakubooru.tagcounts import add_tags, record_tags, write_tag_counts  # noqa: E402
 
 PER_SHARD = 1000
 VERSION = 1
@@ -121,7 +121,7 @@ def make_folder(rows: int, trainable: bool = False, data: Path = BENCH_DATA) -> 
                    "quality": [qualities[i % 7]], "year": [years[i % 5]], "rating_tags": rating_tags[rating]}
             member(buf, f"{i + 1}.json", json.dumps(rec, separators=(",", ":")).encode(), i, "json")
             if trainable:
-                tags = [t for g in ("keep", "general", "quality", "year", "meta", "rating_tags") for t in rec[g]]
+                tags = record_tags(rec)
                 add_tags(tag_counts, tags)
                 member(buf, f"{i + 1}.png", TINY_PNG, i, "image")
                 member(buf, f"{i + 1}.txt", ", ".join(tags).encode(), i, "txt")

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from .captioner import CAPTION_GROUPS
 from .errors import HakubooruError
 from .manifest import INDEX_FILE, MANIFEST_FILE, SKIPPED_FILE
+from .shardfolder import shard_runs
 from .db import RATINGS
 from .quality import LOWEST_QUALITY, QUALITY_LEVELS
 from .tagrules import PEOPLE_COUNT_TAGS, TAG_GROUPS, YEAR_TAGS, format_tag
@@ -141,13 +142,11 @@ def collect(shards_dir, *, max_windows: int = 3, db=None, workers: int = 1,
     offsets = table.column("json_offset").to_numpy()
     sizes = table.column("json_size").to_numpy()
     ids = table.column("id").to_numpy()
-    order = np.lexsort((offsets, codes))  # shard by shard, in file order
-    bounds = np.flatnonzero(np.r_[True, codes[order][1:] != codes[order][:-1], True])
-    tasks = [(str(root / names[codes[order[a]]]), offsets[order[a:b]], sizes[order[a:b]], ids[order[a:b]])
-             for a, b in zip(bounds[:-1], bounds[1:])]
+    tasks = [(str(root / names[codes[rows[0]]]), offsets[rows], sizes[rows], ids[rows])
+             for rows in shard_runs(codes, offsets)]
     chunks = [tasks[i:i + _SHARDS_PER_TASK] for i in range(0, len(tasks), _SHARDS_PER_TASK)]
     stats = _Accumulator(tag_types, max_windows)
-    bar = tqdm(total=len(order), unit="rec", disable=not progress, desc="records")
+    bar = tqdm(total=table.num_rows, unit="rec", disable=not progress, desc="records")
     if workers == 1 or len(chunks) == 1:
         _init_worker(tag_types, max_windows)
         parts = map(_scan, chunks)

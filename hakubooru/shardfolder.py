@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -36,3 +37,11 @@ def read_index(root: Path, columns=None) -> pa.Table:
         return pq.read_table(path, columns=columns)
     except (pa.ArrowException, OSError) as e:
         raise HakubooruError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
+
+
+def shard_runs(codes: np.ndarray, offsets: np.ndarray) -> list[np.ndarray]:
+    """Index rows grouped by shard (``codes``: each row's shard number), each group in file
+    order (by ``offsets``), so a reader goes through every shard front to back once."""
+    order = np.lexsort((offsets, codes))
+    bounds = np.flatnonzero(np.r_[True, codes[order][1:] != codes[order][:-1], True])
+    return [order[a:b] for a, b in zip(bounds[:-1], bounds[1:])]

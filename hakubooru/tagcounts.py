@@ -29,6 +29,7 @@ from .captioner import CAPTION_GROUPS
 from .errors import HakubooruError
 from .manifest import INDEX_FILE, TAG_COUNTS_FILE, write_parquet
 from .procs import die_with_parent
+from .shardfolder import shard_runs
 
 SCHEMA = pa.schema([("tag", pa.string()), ("count", pa.int64())])
 
@@ -149,15 +150,10 @@ def _shard_tasks(root: Path) -> list[tuple]:
     col = {c: table.column(c).to_numpy() for c in columns if c != "shard"}
     if "txt_offset" not in col:
         col["txt_offset"] = col["txt_size"] = np.full(len(codes), -1, dtype=np.int64)
-    order = np.lexsort((col["json_offset"], codes))
-    bounds = np.flatnonzero(np.r_[True, codes[order][1:] != codes[order][:-1], True])
-    tasks = []
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        rows = order[a:b]
-        tasks.append((str(root / shard_names[codes[rows[0]]]), col["id"][rows],
-                      np.stack([col["json_offset"][rows], col["json_size"][rows]], 1),
-                      np.stack([col["txt_offset"][rows], col["txt_size"][rows]], 1)))
-    return tasks
+    return [(str(root / shard_names[codes[rows[0]]]), col["id"][rows],
+             np.stack([col["json_offset"][rows], col["json_size"][rows]], 1),
+             np.stack([col["txt_offset"][rows], col["txt_size"][rows]], 1))
+            for rows in shard_runs(codes, col["json_offset"])]
 
 
 def _count_shard(task) -> tuple[dict[str, int], int]:
