@@ -7,7 +7,7 @@ its bucket size and centre crop, into a latent cache the trainer reads instead o
 The samples are cut into chunks (one bucket each, in id order); rank r of W encodes chunks
 k ≡ r (mod W), decoding images in DataLoader workers. A finished chunk is kept on a rerun
 when its file matches its recorded xxh3-128, so a killed build resumes where it stopped and
-ends byte-identical to an uninterrupted one. The process that finishes the last chunk writes
+ends byte-identical to an uninterrupted one. When every rank is done, rank 0 writes
 ``index.parquet`` and ``manifest.json``. Errors in the input are one line (exit status 2).
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ from trainers.lokr.data.bucketing import assign_buckets, make_buckets
 from trainers.lokr.config import BUNDLED, load_config
 from trainers.lokr.data.batches import BatchDataset, make_loader
 from trainers.lokr.data.index import load_index
-from trainers.lokr.distributed import init_distributed, shutdown
+from trainers.lokr.distributed import barrier, init_distributed, shutdown
 from trainers.lokr.data.latent_cache import (DEFAULT_DIR, DTYPES, FORMAT, INDEX_SCHEMA, cache_dir, cache_settings, chunk_name,
                                         sample_hashes)
 from trainers.lokr.safetensors_file import write_safetensors
@@ -155,7 +155,8 @@ def _build(cfg, shards, out: Path, d, dtype, chunk_size, batch_size, workers) ->
                 written += 1
                 if written == kill_after:  # test hook: die the hardest way right after a chunk
                     os.kill(os.getpid(), signal.SIGKILL)
-    complete = _assemble(out, plan, chunks)
+    barrier(d)  # one writer of the index and manifest, after every rank's chunks are on disk
+    complete = _assemble(out, plan, chunks) if d.is_main else None
     return {"rank": d.rank, "world_size": d.world_size, "chunks": len(chunks), "mine": len(mine),
             "encoded_chunks": written, "kept_chunks": len(mine) - len(todo), "samples": bar.n,
             "seconds": time.perf_counter() - started, "complete": complete, "out": str(out)}
@@ -226,8 +227,8 @@ def _main(argv: list) -> int:
     r = build_cache(cfg, args.shards, args.out, dtype=args.dtype, chunk_size=args.chunk_size,
                     batch_size=args.batch_size, workers=args.workers)
     who = f"rank {r['rank']}/{r['world_size']}: " if r["world_size"] > 1 else ""
-    end = (f"cache complete in {r['out']} ({r['chunks']} chunks)" if r["complete"]
-           else "other ranks' chunks pending; the rank finishing last writes the manifest")
+    end = {True: f"cache complete in {r['out']} ({r['chunks']} chunks)", None: "rank 0 writes the manifest",
+           False: "chunks are missing; rerun to finish the cache"}[r["complete"]]
     print(f"{who}encoded {r['samples']} images into {r['encoded_chunks']} chunks in {r['seconds']:.1f} s, kept "
           f"{r['kept_chunks']} finished chunks (checksums verified); {end}", file=sys.stderr)
     return 0
