@@ -70,34 +70,26 @@ def export_kohya(shards, dest, *, repeats: int = 1, name: str = "hakubooru", lin
     sd-scripts' ``--keep_tokens_separator``; otherwise the shards' ``.txt`` are written as they
     are. Prints the summary line; returns the counts."""
     root = shard_folder(shards)
-    table = read_index(root)
-    style = _style(root)
-    _check(root, table, style, repeats, name, link, keep_separator)
-    stems = _stems(table)
+    plan = plan_export(root, repeats=repeats, name=name, link=link, keep_separator=keep_separator)
     folder = Path(dest) / f"{int(repeats)}_{name}"
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob(f".*{_TMP_SUFFIX}"):  # left by a killed run
         stale.unlink()
-    result = ExportResult(folder, images=len(stems))
+    result = ExportResult(folder, images=len(plan.order))
     result.metadata = None if metadata_json is None else Path(metadata_json)
-    # shard by shard (in name order), members in offset order: one pass over each tar
-    shards = table.column("shard").to_numpy(zero_copy_only=False)
-    order = np.lexsort((table.column("image_offset").to_numpy(), shards))
-    col = {c: table.column(c).to_numpy() for c in _NUMERIC}
-    ext_col = table.column("ext").to_numpy(zero_copy_only=False)
-    current, tar = None, None
+    col, current, tar = plan.columns, None, None
     with _MetadataFile(result.metadata) as meta, \
-            tqdm(total=len(order), desc="exporting", unit="img", disable=not progress) as bar:
+            tqdm(total=len(plan.order), desc="exporting", unit="img", disable=not progress) as bar:
         try:
-            for i in order.tolist():
+            for i in plan.order.tolist():
                 row = {c: int(col[c][i]) for c in _NUMERIC}
-                if shards[i] != current:
+                if plan.shard[i] != current:
                     if tar is not None:
                         tar.close()
-                    current = shards[i]
-                    tar = open(root / current, "rb")
-                image = folder / f"{stems[i]}.{ext_col[i]}"
-                caption = _caption(tar, row, style, keep_separator, root / current)
+                    current = plan.shard[i]
+                    tar = open(root / plan.shard_names[current], "rb")
+                image = folder / f"{plan.stem(i)}.{plan.ext_names[plan.ext[i]]}"
+                caption = _caption(tar, row, plan.style, keep_separator, root / plan.shard_names[current])
                 _export_sample(tar, row, image, caption, result)
                 meta.add(os.path.abspath(image),
                          {"caption": caption, "image_size": [row["width"], row["height"]]})
@@ -107,6 +99,51 @@ def export_kohya(shards, dest, *, repeats: int = 1, name: str = "hakubooru", lin
                 tar.close()
     print(result.summary(), file=sys.stderr)
     return result
+
+
+@dataclass
+class ExportPlan:
+    """What an export reads, decided before it writes anything: the index columns as NumPy
+    (strings as codes), the rows in file order (shard by shard in name order, members by
+    offset: one pass over each tar), the caption style, and each row's file stem."""
+
+    columns: dict
+    shard: np.ndarray       # code into shard_names (sorted names)
+    shard_names: list
+    ext: np.ndarray         # code into ext_names
+    ext_names: list
+    order: np.ndarray
+    style: dict
+    keys: object            # pyarrow array of stems ('/' → '_'), or None: the stem is the id
+
+    def stem(self, i: int) -> str:
+        """Row ``i``'s file stem."""
+        return str(self.columns["id"][i]) if self.keys is None else self.keys[i].as_py()
+
+
+def plan_export(root: Path, *, repeats: int = 1, name: str = "hakubooru", link: str = "copy",
+                keep_separator: str | None = None) -> ExportPlan:
+    """Read the index of shard folder ``root`` and check the options against it (one error line
+    for what the export cannot serve); no Python object per sample."""
+    table = read_index(root)
+    style = _style(root)
+    _check(root, table, style, repeats, name, link, keep_separator)
+    shard, shard_names = _codes(table.column("shard"), sort=True)
+    ext, ext_names = _codes(table.column("ext"))
+    columns = {c: table.column(c).to_numpy() for c in _NUMERIC}
+    return ExportPlan(columns, shard, shard_names, ext, ext_names,
+                      np.lexsort((columns["image_offset"], shard)), style, _stems(table))
+
+
+def _codes(column, sort: bool = False) -> tuple[np.ndarray, list]:
+    """A string column as int32 codes and the values they index (with ``sort``, in sorted order,
+    so that codes compare as the strings do)."""
+    encoded = column.combine_chunks().dictionary_encode()
+    codes, values = encoded.indices.to_numpy().astype(np.int32), encoded.dictionary.to_pylist()
+    if not sort:
+        return codes, values
+    rank = np.argsort(np.argsort(np.array(values, dtype=object))).astype(np.int32)
+    return rank[codes], sorted(values)
 
 
 def _check(root: Path, table, style: dict, repeats, name, link, keep_separator) -> None:
@@ -204,12 +241,13 @@ def _style(root: Path) -> dict:
     return style
 
 
-def _stems(table) -> list[str]:
-    """File stems: the webdataset key where the index has one, else the id; must be unique."""
-    keys = (table.column("key").to_pylist() if "key" in table.column_names
-            else table.column("id").cast("string").to_pylist())
-    stems = [k.replace("/", "_") for k in keys]
-    if len(set(stems)) != len(stems):
+def _stems(table):
+    """File stems: the webdataset keys ('/' → '_') where the index has them, else None (the id
+    is the stem: ids are unique); keys must stay unique."""
+    if "key" not in table.column_names:
+        return None
+    stems = pc.replace_substring(table.column("key").combine_chunks(), "/", "_")
+    if pc.count_distinct(stems).as_py() != len(stems):
         raise HakubooruError("two samples would get the same file name (keys differing only in "
                              "'/' vs '_'); rename them in the shards")
     return stems

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -90,7 +91,7 @@ class _TokenLengths:
         """Tokenize the tags not seen before (in one batch). A tag ending in a letter or digit
         is followed by the comma as a pre-token of its own (one more token); one ending in
         punctuation may merge with it (``"),"``), so that form is tokenized too."""
-        new = [t for t in set(tags) if t not in self.alone]
+        new = list(set(tags).difference(self.alone))
         if not new:
             return
         for tag, enc in zip(new, self._tok.encode_batch(new, add_special_tokens=False)):
@@ -212,6 +213,10 @@ def _scan(tasks) -> "_Accumulator":
     return acc
 
 
+def _is_caption_record(rec) -> bool:
+    return isinstance(rec, dict) and "rating" in rec and all(isinstance(rec.get(g), list) for g in CAPTION_GROUPS)
+
+
 class _Accumulator:
     """Counts over the records, shard by shard."""
 
@@ -242,30 +247,30 @@ class _Accumulator:
         self.cut_tokens += other.cut_tokens
 
     def add(self, records: list[dict], where: str, tokens: _TokenLengths) -> None:
-        captions = []
+        try:
+            captions = [rec["keep"] + rec["general"] + rec["quality"] + rec["year"] + rec["meta"] + rec["rating_tags"]
+                        for rec in records]
+            self.rating.update([rec["rating"] or "unknown" for rec in records])
+            self.year.update([rec["year"][0] if rec["year"] else "none" for rec in records])
+            self.quality.update([rec["quality"][0] if rec["quality"] else "none" for rec in records])
+        except (KeyError, TypeError, IndexError):
+            bad = next((r for r in records if not _is_caption_record(r)), None)
+            raise HakubooruError(f"post {bad.get('id', '?') if isinstance(bad, dict) else '?'} in "
+                                 f"{where}: its .json record lacks the caption groups "
+                                 f"({', '.join(CAPTION_GROUPS)})") from None
         tags_of = self.tags
-        for rec in records:
-            try:
-                self.rating[rec["rating"] or "unknown"] += 1
-                self.year[rec["year"][0] if rec["year"] else "none"] += 1
-                self.quality[rec["quality"][0] if rec["quality"] else "none"] += 1
-                keep = rec["keep"]
-                tags_of["general"].update(rec["general"])
-                tags_of["meta"].update(rec["meta"])
-                captions.append(keep + rec["general"] + rec["quality"] + rec["year"] + rec["meta"]
-                                + rec["rating_tags"])
-            except (KeyError, TypeError, IndexError):
-                raise HakubooruError(f"post {rec.get('id', '?') if isinstance(rec, dict) else '?'} in "
-                                     f"{where}: its .json record lacks the caption groups "
-                                     f"({', '.join(CAPTION_GROUPS)})") from None
-            if self.tag_types is None:
-                for t in keep:
-                    tags_of["people" if t in _PEOPLE else _KEEP_REST][t] += 1
+        tags_of["general"].update(chain.from_iterable(rec["general"] for rec in records))
+        tags_of["meta"].update(chain.from_iterable(rec["meta"] for rec in records))
+        keep = Counter(chain.from_iterable(rec["keep"] for rec in records))
+        for t, n in keep.items():
+            if t in _PEOPLE:
+                kind = "people"
+            elif self.tag_types is None:
+                kind = _KEEP_REST
             else:
-                for t in keep:
-                    kind = "people" if t in _PEOPLE else self.tag_types.get(t, "unknown")
-                    tags_of.get(kind, tags_of["unknown"])[t] += 1
-        tokens.learn(t for cap in captions for t in cap)
+                kind = self.tag_types.get(t, "unknown")
+            tags_of.get(kind, tags_of.get("unknown"))[t] += n
+        tokens.learn(set().union(*captions))
         lengths = list(map(tokens.length, captions))
         self.samples += len(lengths)
         found = np.bincount(np.asarray(lengths, dtype=np.int64), minlength=len(self.lengths))

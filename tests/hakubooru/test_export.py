@@ -254,3 +254,39 @@ def test_export_refuses_to_run_without_to(tmp_path, capsys):
         "python -m hakubooru export: error: the following arguments are required: --to")
     assert main(["export", str(tmp_path / "shards"), "--to", "kohya", str(tmp_path / "d")]) == 2
     assert capsys.readouterr().err == f"error: shard folder {tmp_path / 'shards'} does not exist\n"
+
+
+def test_webdataset_keys_become_stems_and_a_clash_is_refused(tmp_path):
+    """An indexed webdataset folder: the stem is the key with '/' written '_', files go shard by
+    shard in name order (the metadata JSON's order); keys that would name one file are refused
+    before anything is written."""
+    import webdataset as wds
+
+    from hakubooru.errors import HakubooruError
+    from hakubooru.export import export_kohya
+    from hakubooru.wdsindex import index_webdataset
+
+    def folder(name, shards):
+        root = tmp_path / name
+        root.mkdir()
+        for shard, keys in shards.items():
+            with wds.TarWriter(str(root / shard)) as sink:
+                for key in keys:
+                    png = tmp_path / "one.png"
+                    Image.new("RGB", (2, 3)).save(png)
+                    sink.write({"__key__": key, "png": png.read_bytes(), "txt": f"caption of {key}"})
+        index_webdataset(root, progress=False)
+        return root
+
+    good = folder("good", {"b.tar": ["cats/x1", "cats/x0"], "a.tar": ["dogs/y"]})
+    meta = tmp_path / "meta.json"
+    export_kohya(good, tmp_path / "train", metadata_json=meta, progress=False)
+    out = tmp_path / "train" / "1_hakubooru"
+    assert sorted(p.name for p in out.iterdir()) == ["cats_x0.png", "cats_x0.txt", "cats_x1.png", "cats_x1.txt",
+                                                    "dogs_y.png", "dogs_y.txt"]
+    assert (out / "cats_x0.txt").read_text() == "caption of cats/x0"
+    assert [os.path.basename(k) for k in json.loads(meta.read_text())] == ["dogs_y.png", "cats_x1.png", "cats_x0.png"]
+    clash = folder("clash", {"a.tar": ["a/b", "a_b"]})
+    with pytest.raises(HakubooruError, match="two samples would get the same file name"):
+        export_kohya(clash, tmp_path / "other", progress=False)
+    assert not (tmp_path / "other").exists()

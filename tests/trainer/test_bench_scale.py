@@ -20,9 +20,16 @@ def test_every_phase_runs_at_a_small_n(tmp_path):
     figures = json.loads(out.read_text())
     assert figures["records"] == 1500
     assert list(figures["phases"]) == ["floor", "trainer_setup_first_start", "trainer_setup", "resume_setup",
-                                       "cache_plan"]
+                                       "cache_plan", "export_plan", "index", "ranks_workers"]
+    ddp = figures["phases"].pop("ranks_workers")
     for phase in figures["phases"].values():
         assert phase["wall_s"] > 0 and phase["cpu_s"] > 0 and phase["peak_rss_mib"] > 50
+    # torchrun's agent, 4 ranks, 4 DataLoader workers each; a worker's own pages are fewer than
+    # what it maps (the index and the model are its parent's, shared by fork)
+    assert {role: m["processes"] for role, m in ddp["by_role"].items()} == {"agent": 1, "rank": 4, "worker": 16}
+    worker = ddp["by_role"]["worker"]
+    assert 0 < worker["max_uss_mib"] < worker["max_pss_mib"] < worker["max_rss_mib"]
+    assert ddp["job_peak_pss_mib"] > ddp["by_role"]["rank"]["max_pss_mib"] * 4
     assert figures["phases"]["floor"]["x_floor"] == 1
     folder = tmp_path / "scale-1500"
     assert "counting the tags of" in proc.stderr  # the first-start phase, and only it

@@ -16,6 +16,7 @@ INDEX_COLUMNS = ("id", "shard", "image_offset", "image_size", "json_offset", "js
                  "width", "height")
 TEXT_COLUMNS = ("txt_offset", "txt_size")  # -1 = no such member (webdataset folders from other tools)
 HASH_COLUMNS = ("image_xxh3", "txt_xxh3", "json_xxh3")  # build-time member hashes (hakubooru.manifest)
+COLUMN_DTYPES = {"width": np.int32, "height": np.int32, **{c: np.uint64 for c in HASH_COLUMNS}}
 
 
 @dataclass
@@ -52,31 +53,44 @@ def load_index(shards_dir) -> ShardIndex:
     root = shard_folder(shards_dir)
     path = root / "index.parquet"
     try:
-        names_in_file = set(pq.read_schema(path).names)
+        meta = pq.read_metadata(path)
+        names_in_file = set(meta.schema.to_arrow_schema().names)
         if not set(HASH_COLUMNS) <= names_in_file:
             raise HakubooruError(f"{path} has no member hashes (written by an older hakubooru); "
                                  f"{REBUILD} to rebuild the shards and the index")
-        text = [c for c in TEXT_COLUMNS if c in names_in_file]
-        table = pq.read_table(path, columns=[*INDEX_COLUMNS, *text, *HASH_COLUMNS, "ext"],
-                              read_dictionary=["shard", "ext"])
+        missing = [c for c in (*INDEX_COLUMNS, "ext") if c not in names_in_file]
+        if missing:
+            raise HakubooruError(f"cannot read {path}: no column {', '.join(missing)}; {REBUILD} to rebuild the "
+                                 "shards and the index")
+        if meta.num_rows == 0:
+            raise HakubooruError(f"{path} has no samples")
+        shard, ext = (_codes(path, c) for c in ("shard", "ext"))
     except (pa.ArrowException, OSError) as e:
         raise HakubooruError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
-    if table.num_rows == 0:
-        raise HakubooruError(f"{path} has no samples")
-    shard = table.column("shard").combine_chunks()
-    names = [str(s) for s in shard.dictionary.to_pylist()]
-    fingerprint = check_shard_folder(root, names, table.num_rows)
-    col = {c: table.column(c).to_numpy() for c in (*INDEX_COLUMNS, *text, *HASH_COLUMNS) if c != "shard"}
-    if np.any(np.diff(col["id"]) <= 0):
+    names = [str(s) for s in shard[1]]
+    fingerprint = check_shard_folder(root, names, meta.num_rows)
+    text = [c for c in TEXT_COLUMNS if c in names_in_file]
+    try:
+        col = {c: _column(path, c) for c in (*INDEX_COLUMNS, *text, *HASH_COLUMNS) if c != "shard"}
+    except (pa.ArrowException, OSError) as e:
+        raise HakubooruError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
+    if np.any(col["id"][1:] <= col["id"][:-1]):
         raise HakubooruError(f"{path} is not sorted by unique id")
-    ext = table.column("ext").combine_chunks()
     return ShardIndex(
-        ids=col["id"].astype(np.int64), shard=shard.indices.to_numpy().astype(np.int32),
-        shard_names=names,
-        **{c: col[c].astype(np.int64) for c in ("image_offset", "image_size", "json_offset",
-                                                "json_size")},
-        width=col["width"].astype(np.int32), height=col["height"].astype(np.int32),
-        fingerprint=fingerprint, image_hash=col["image_xxh3"].astype(np.uint64),
-        txt_hash=col["txt_xxh3"].astype(np.uint64), json_hash=col["json_xxh3"].astype(np.uint64),
-        ext=ext.indices.to_numpy().astype(np.int32), ext_names=[str(e) for e in ext.dictionary.to_pylist()],
-        **{c: col[c].astype(np.int64) for c in text})
+        ids=col["id"], shard=shard[0], shard_names=names,
+        **{c: col[c] for c in ("image_offset", "image_size", "json_offset", "json_size", "width", "height", *text)},
+        fingerprint=fingerprint, image_hash=col["image_xxh3"], txt_hash=col["txt_xxh3"], json_hash=col["json_xxh3"],
+        ext=ext[0], ext_names=[str(e) for e in ext[1]])
+
+
+def _column(file, name: str) -> np.ndarray:
+    """One column as NumPy, in its dtype (ShardIndex's), read alone so that no more than one
+    column is ever held twice (Arrow's and NumPy's)."""
+    want = COLUMN_DTYPES.get(name, np.int64)
+    return pq.read_table(file, columns=[name]).column(0).to_numpy().astype(want, copy=False)
+
+
+def _codes(file, name: str) -> tuple[np.ndarray, list]:
+    """A string column as int32 codes and the distinct values they index."""
+    column = pq.read_table(file, columns=[name], read_dictionary=[name]).column(0).combine_chunks()
+    return column.indices.to_numpy().astype(np.int32, copy=False), column.dictionary.to_pylist()
