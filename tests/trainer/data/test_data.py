@@ -224,6 +224,26 @@ def test_workers_and_resume_give_identical_batches(shards):
         assert torch.equal(a["pixel_values"], b["pixel_values"]) and a["captions"] == b["captions"]
 
 
+class _FreezeReport(BatchDataset):
+    def __getitem__(self, i):
+        import gc
+        return {"frozen_in_worker": gc.get_freeze_count()}
+
+
+def test_workers_start_with_the_parents_objects_frozen(shards):
+    """Forked workers inherit the parent's objects in the collector's permanent generation (so
+    a collection in a worker does not write to them and copy their pages); the parent itself
+    collects as before once they are started."""
+    import gc
+
+    ix = load_index(shards.dir)
+    ds = _FreezeReport(shards.dir, ix, BatchPlan(ix, 4, seed=0, epoch=0, buckets=BUCKETS))
+    batches = make_loader(ds, workers=1)
+    first = next(iter(batches))
+    assert first["frozen_in_worker"] > 1000 and gc.get_freeze_count() == 0
+    batches.close()
+
+
 def test_ranks_split_each_global_batch(shards):
     ix = load_index(shards.dir)
     plan = BatchPlan(ix, 4, seed=0, epoch=0, buckets=BUCKETS)
