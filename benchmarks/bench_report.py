@@ -174,9 +174,12 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=5_200_000)
     ap.add_argument("--workers", type=int, default=2, help="report --workers (default 2)")
     ap.add_argument("--skip-report", action="store_true", help="only make the folder and time the floor")
+    ap.add_argument("--trainable", action="store_true",
+                    help="use benchmarks/bench_scale.py's folder (the same records, with images and captions)")
+    ap.add_argument("--data", default=str(BENCH_DATA), help="where the folder is made (default: bench-data/)")
     args = ap.parse_args()
     t0 = time.perf_counter()
-    folder = make_folder(args.rows)
+    folder = make_folder(args.rows, trainable=args.trainable, data=Path(args.data))
     print(f"folder {folder}: {args.rows:,} records ({time.perf_counter() - t0:.0f} s to make or find)")
     base, base_cpu = floor(folder)
     print(f"floor (read + json.loads every record, 1 process): {base:.1f} s wall, {base_cpu:.1f} s CPU, "

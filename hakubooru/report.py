@@ -113,6 +113,22 @@ class _TokenLengths:
         last = tags[-1]
         return sum(map(self.with_comma.__getitem__, tags)) - self.with_comma[last] + self.alone[last]
 
+    def lengths(self, captions: list[list[str]]) -> list[int]:
+        """``length`` of each caption, tokenizing first (in one batch) the tags of the captions
+        that hold a tag not seen before."""
+        out, new = [], []
+        for i, caption in enumerate(captions):
+            try:
+                out.append(self.length(caption))
+            except KeyError:
+                out.append(-1)
+                new.append(i)
+        if new:
+            self.learn(set().union(*(captions[i] for i in new)))
+            for i in new:
+                out[i] = self.length(captions[i])
+        return out
+
     def ends(self, tags: list[str]) -> list[int]:
         """For each tag, the caption's tokens up to the end of its own text (its comma left out)."""
         out, before = [], 0
@@ -145,7 +161,8 @@ def collect(shards_dir, *, max_windows: int = 3, db=None, workers: int = 1,
     ids = table.column("id").to_numpy()
     tasks = [(str(root / names[codes[rows[0]]]), offsets[rows], sizes[rows], ids[rows])
              for rows in shard_runs(codes, offsets)]
-    chunks = [tasks[i:i + _SHARDS_PER_TASK] for i in range(0, len(tasks), _SHARDS_PER_TASK)]
+    per_task = -(-len(tasks) // (workers * _TASKS_PER_WORKER))  # few merges, a bar that still moves
+    chunks = [tasks[i:i + per_task] for i in range(0, len(tasks), per_task)]
     stats = _Accumulator(tag_types, max_windows)
     bar = tqdm(total=table.num_rows, unit="rec", disable=not progress, desc="records")
     if workers == 1 or len(chunks) == 1:
@@ -180,7 +197,7 @@ def collect(shards_dir, *, max_windows: int = 3, db=None, workers: int = 1,
     return out
 
 
-_SHARDS_PER_TASK = 4
+_TASKS_PER_WORKER = 32
 _WORKER: dict = {}
 
 
@@ -270,8 +287,7 @@ class _Accumulator:
             else:
                 kind = self.tag_types.get(t, "unknown")
             tags_of.get(kind, tags_of.get("unknown"))[t] += n
-        tokens.learn(set().union(*captions))
-        lengths = list(map(tokens.length, captions))
+        lengths = tokens.lengths(captions)
         self.samples += len(lengths)
         found = np.bincount(np.asarray(lengths, dtype=np.int64), minlength=len(self.lengths))
         self.lengths = np.pad(self.lengths, (0, len(found) - len(self.lengths))) + found
