@@ -66,7 +66,6 @@ class RayShards:
     def __enter__(self):
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
-        self._stack.enter_context(_sigterm_interrupts())
         kwargs = {"address": self.options.address, "log_to_driver": False,
                   "logging_level": logging.ERROR, "configure_logging": True}
         if self.options.address == LOCAL:
@@ -77,6 +76,7 @@ class RayShards:
             raise HakubooruError(f"cannot {'start' if self.options.address == LOCAL else 'reach'} "
                                  f"Ray at {self.options.address}: {_first_line(e)}") from None
         self._stack.callback(self.ray.shutdown)
+        self._stack.enter_context(_sigterm_interrupts())  # after init: Ray installs its own
         return self
 
     def __exit__(self, *exc) -> None:

@@ -161,3 +161,20 @@ def test_without_ray_the_option_is_one_line_naming_the_extra(tmp_path):
         2, f"error: --ray needs Ray, an optional dependency: {EXTRA}\n")
     assert EXTRA == "pip install 'hakubooru[ray]'"
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_local_ray_build_and_its_ray(demo, tmp_path):
+    mark, hold = new_mark(), tmp_path / "hold"
+    hold.mkdir()
+    cluster = {"address": "local", "env": ray_env(mark, **{HOLD_ENV: str(hold)})}
+    try:
+        proc = build_cli(demo, cluster, tmp_path / "ray")
+        held(hold)  # the tasks wait: the build is in the middle of its shards
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        assert (proc.returncode, err) == (130, "interrupted\n"), err
+        assert not alive(marked_pids(mark))  # the Ray it started, workers included, is gone
+        assert not list((tmp_path / "ray").glob("shard-*.tar"))
+    finally:
+        stop_marked(mark)
