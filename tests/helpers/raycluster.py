@@ -9,24 +9,16 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from tests.helpers import REPO
+from tests.helpers import REPO, free_port
 
 MARK_ENV = "HAKUBOORU_TEST_RAY_CLUSTER"
 RAY = str(Path(sys.executable).parent / "ray")
-
-
-def free_port() -> int:
-    """A TCP port free on the loopback address now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ray_env(mark: str, **extra) -> dict:
