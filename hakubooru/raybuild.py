@@ -26,6 +26,7 @@ from .errors import HakubooruError
 EXTRA = "pip install 'hakubooru[ray]'"
 LOCAL = "local"  # --ray without an address: a Ray started in this process, stopped at the end
 DEFAULT_RETRIES = 3  # Ray's own default for tasks
+CANCEL_WAIT_S = 5.0  # how long a stopped build waits for its cancelled tasks to end
 HOLD_ENV = "HAKUBOORU_TEST_RAY_HOLD"  # test hook: a folder where each task attempt waits (below)
 
 
@@ -106,9 +107,20 @@ class RayShards:
                 yield from self._collect(running)
             self.retries = ray.get(attempts.retries.remote())
         finally:
-            for ref in running:
+            self._cancel(list(running))
+
+    def _cancel(self, refs: list) -> None:
+        """Stop the tasks of ``refs`` and take their outcomes (Ray prints an error nobody took)."""
+        if not refs:
+            return
+        for ref in refs:
+            with contextlib.suppress(Exception):
+                self.ray.cancel(ref, force=True)
+        with contextlib.suppress(Exception):
+            ready, _ = self.ray.wait(refs, num_returns=len(refs), timeout=CANCEL_WAIT_S)
+            for ref in ready:
                 with contextlib.suppress(Exception):
-                    ray.cancel(ref, force=True)
+                    self.ray.get(ref)
 
     def _collect(self, running: dict):
         ready, _ = self.ray.wait(list(running), num_returns=1, timeout=None)
