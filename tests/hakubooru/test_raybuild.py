@@ -39,25 +39,28 @@ def cluster(tmp_path_factory):
     hold = tmp_path_factory.mktemp("hold")
     env = ray_env(mark, **{HOLD_ENV: str(hold)})
     try:
-        address = start_head(env)
-        yield {"address": address, "hold": hold, "env": env}
+        address, client = start_head(env)
+        yield {"address": address, "client": client, "hold": hold, "env": env}
     finally:
         stop_marked(mark)
 
 
-def build_cli(demo, cluster, out: Path) -> subprocess.Popen:
-    """``python -m hakubooru build --ray ADDRESS --quiet`` into ``out``, stderr captured."""
+def build_cli(demo, cluster, out: Path, address: str | None = None) -> subprocess.Popen:
+    """``python -m hakubooru build --ray ADDRESS --quiet`` into ``out`` (ADDRESS: the cluster's
+    unless given), stderr captured."""
     args = ["--db", str(demo["db"]), "--images", str(demo["images"]), "--selection", str(demo["sel"]),
             "--out", str(out), "--shard-size", str(SHARD_SIZE), "--cache-dir", str(demo["tmp"] / "cache"),
-            "--ray", cluster["address"], "--quiet"]
+            "--ray", address or cluster["address"], "--quiet"]
     return subprocess.Popen([sys.executable, "-m", "hakubooru", "build", *args], cwd=REPO,
                             env=cluster["env"], stderr=subprocess.PIPE, text=True)
 
 
-def held(hold: Path, count: int = 1, timeout: float = 120.0) -> list[tuple[int, int]]:
-    """Wait until ``count`` task attempts wait in ``hold``; their (shard, pid), oldest first."""
+def held(hold: Path, proc: subprocess.Popen, count: int = 1, timeout: float = 120.0) -> list:
+    """Wait until ``count`` task attempts of the build ``proc`` wait in ``hold``; their (shard,
+    pid), oldest first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[1]
         attempts = [p for p in hold.iterdir() if not p.name.startswith("release")]
         if len(attempts) >= count:
             attempts.sort(key=lambda p: p.stat().st_mtime_ns)
@@ -76,7 +79,7 @@ def test_cluster_build_is_byte_identical_and_survives_a_killed_worker(demo, clus
     clear(cluster["hold"])
     out = tmp_path / "ray"
     proc = build_cli(demo, cluster, out)
-    (shard, pid), *_ = held(cluster["hold"])
+    (shard, pid), *_ = held(cluster["hold"], proc)
     os.kill(pid, signal.SIGKILL)  # the Ray worker process building `shard`, mid-task
     (cluster["hold"] / "release").touch()
     _, err = proc.communicate(timeout=300)
@@ -99,7 +102,7 @@ def test_cluster_driver_killed_and_rerun_keeps_finished_shards(demo, cluster, tm
     deadline = time.monotonic() + 120
     while not (out / "shard-000000.tar").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
-    held(cluster["hold"], 2)  # shard 0 done, another one waiting
+    held(cluster["hold"], proc, 2)  # shard 0 done, another one waiting
     proc.kill()
     proc.communicate()
     assert not (out / "manifest.json").exists()
@@ -115,11 +118,11 @@ def test_cluster_driver_killed_and_rerun_keeps_finished_shards(demo, cluster, tm
 @pytest.mark.slow
 def test_cluster_task_error_is_the_one_line_of_a_local_build(demo, cluster, tmp_path):
     """A node that does not see the output folder (here: its plan file gone while the tasks wait)
-    stops the build with one line."""
+    stops the build with one line; through Ray Client (ray://) too."""
     clear(cluster["hold"])
     out = tmp_path / "ray"
-    proc = build_cli(demo, cluster, out)
-    held(cluster["hold"])
+    proc = build_cli(demo, cluster, out, cluster["client"])
+    held(cluster["hold"], proc)
     (out / mf.PLAN_FILE).rename(out / "plan.json")
     (cluster["hold"] / "release").touch()
     _, err = proc.communicate(timeout=300)
@@ -170,7 +173,7 @@ def test_sigterm_stops_a_local_ray_build_and_its_ray(demo, tmp_path):
     cluster = {"address": "local", "env": ray_env(mark, **{HOLD_ENV: str(hold)})}
     try:
         proc = build_cli(demo, cluster, tmp_path / "ray")
-        held(hold)  # the tasks wait: the build is in the middle of its shards
+        held(hold, proc)  # the tasks wait: the build is in the middle of its shards
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
         assert (proc.returncode, err) == (130, "interrupted\n"), err

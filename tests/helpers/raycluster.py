@@ -41,14 +41,18 @@ def new_mark() -> str:
     return Path(tempfile.mkdtemp(prefix="hkr", dir="/tmp")).name
 
 
-def start_head(env: dict, cpus: int = 2) -> str:
-    """``ray start --head`` on 127.0.0.1 with ``cpus`` CPUs; returns the cluster's address."""
-    port = free_port()
+def start_head(env: dict, cpus: int = 2) -> tuple[str, str]:
+    """``ray start --head`` on 127.0.0.1 with ``cpus`` CPUs; returns the cluster's address
+    (``127.0.0.1:port``) and its Ray Client address (``ray://127.0.0.1:port``)."""
+    port = client_port = free_port()
+    while client_port == port:
+        client_port = free_port()
     done = subprocess.run([RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port",
-                           str(port), "--num-cpus", str(cpus), "--disable-usage-stats",
-                           "--include-dashboard=false"], env=env, capture_output=True, text=True)
+                           str(port), "--ray-client-server-port", str(client_port), "--num-cpus",
+                           str(cpus), "--disable-usage-stats", "--include-dashboard=false"],
+                          env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    return f"127.0.0.1:{port}"
+    return f"127.0.0.1:{port}", f"ray://127.0.0.1:{client_port}"
 
 
 def marked_pids(mark: str) -> list[int]:
