@@ -15,6 +15,7 @@ import pytest
 
 from hakubooru import manifest as mf
 from hakubooru.builder import build_shards
+from hakubooru.errors import HakubooruError
 from hakubooru.raybuild import EXTRA, HOLD_ENV
 from tests.helpers import REPO
 from tests.helpers.archives import folder_bytes
@@ -181,3 +182,10 @@ def test_sigterm_stops_a_local_ray_build_and_its_ray(demo, tmp_path):
         assert not list((tmp_path / "ray").glob("shard-*.tar"))
     finally:
         stop_marked(mark)
+
+
+def test_ray_options_out_of_range_are_one_line(demo, tmp_path):
+    for kw in ({"ray_retries": -1}, {"ray_tasks": 0}):
+        with pytest.raises(HakubooruError, match="^Ray task retries must be at least 0 and tasks at least 1$"):
+            build_shards(demo["db"], demo["images"], demo["sel"], tmp_path / "out", ray="local", **kw)
+    assert not (tmp_path / "out").exists()
