@@ -74,6 +74,8 @@ class RayShards:
         try:
             self.ray.init(**kwargs)
         except Exception as e:  # ConnectionError, RuntimeError, ValueError (a bad address)
+            with contextlib.suppress(Exception):
+                self.ray.shutdown()  # whatever a failed start left running
             raise HakubooruError(f"cannot {'start' if self.options.address == LOCAL else 'reach'} "
                                  f"Ray at {self.options.address}: {_first_line(e)}") from None
         self._stack.callback(self.ray.shutdown)
@@ -139,8 +141,9 @@ class RayShards:
         except (exceptions.WorkerCrashedError, exceptions.NodeDiedError,
                 exceptions.LocalRayletDiedError, exceptions.ObjectLostError) as e:
             raise HakubooruError(
-                f"the Ray worker building {mf.shard_name(k)} died {self.options.retries + 1} times "
-                f"(--ray-retries {self.options.retries}): {_first_line(e)}; Ray's logs: "
+                f"the Ray worker building {mf.shard_name(k)} died in each of its "
+                f"{self.options.retries + 1} runs (--ray-retries {self.options.retries}): "
+                f"{_first_line(e)}; Ray's logs: "
                 f"{self.logs()}") from None
 
 

@@ -46,12 +46,12 @@ def cluster(tmp_path_factory):
         stop_marked(mark)
 
 
-def build_cli(demo, cluster, out: Path, address: str | None = None) -> subprocess.Popen:
+def build_cli(demo, cluster, out: Path, address: str | None = None, *more) -> subprocess.Popen:
     """``python -m hakubooru build --ray ADDRESS --quiet`` into ``out`` (ADDRESS: the cluster's
-    unless given), stderr captured."""
+    unless given; ``more``: other options), stderr captured."""
     args = ["--db", str(demo["db"]), "--images", str(demo["images"]), "--selection", str(demo["sel"]),
             "--out", str(out), "--shard-size", str(SHARD_SIZE), "--cache-dir", str(demo["tmp"] / "cache"),
-            "--ray", address or cluster["address"], "--quiet"]
+            "--ray", address or cluster["address"], "--quiet", *more]
     return subprocess.Popen([sys.executable, "-m", "hakubooru", "build", *args], cwd=REPO,
                             env=cluster["env"], stderr=subprocess.PIPE, text=True)
 
@@ -92,6 +92,21 @@ def test_cluster_build_is_byte_identical_and_survives_a_killed_worker(demo, clus
     assert line.endswith("1 Ray task retries; in " + line.rsplit("; in ", 1)[1])
     assert len([p for p in cluster["hold"].glob(f"{shard}.*")]) == 2
     assert folder_bytes(out) == folder_bytes(demo["out"])
+
+
+@pytest.mark.slow
+def test_cluster_worker_killed_with_no_retries_left_is_one_line(demo, cluster, tmp_path):
+    clear(cluster["hold"])
+    proc = build_cli(demo, cluster, tmp_path / "ray", None, "--ray-retries", "0")
+    (shard, pid), *_ = held(cluster["hold"], proc)
+    os.kill(pid, signal.SIGKILL)
+    _, err = proc.communicate(timeout=300)
+    (cluster["hold"] / "release").touch()
+    assert proc.returncode == 2
+    (line,) = err.splitlines()
+    assert line.startswith(f"error: the Ray worker building {mf.shard_name(shard)} died in each of its "
+                           "1 runs (--ray-retries 0): ")
+    assert "; Ray's logs: " in line
 
 
 @pytest.mark.slow
