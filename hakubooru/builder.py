@@ -9,6 +9,7 @@ Part ``i/N`` builds the shards ``k`` with ``k % N == i``.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import functools
 import json
 import multiprocessing
@@ -29,6 +30,7 @@ from .db import fingerprint, open_db
 from .errors import HakubooruError
 from .images import IMAGE_EXTS, OWN_FORMAT, BadImage, ImagePolicy, prepare
 from .procs import die_with_parent
+from .raybuild import DEFAULT_RETRIES, RayOptions, RayShards, import_ray
 from .selector import Selection, load_selection
 from .shardwriter import CHECKSUM, ShardWriter, member_hash
 from .sources import ImageSource, MemberReader
@@ -53,6 +55,7 @@ class BuildResult:
     seconds: float = 0.0
     ignored_members: int = 0  # archive members not named <id>.<ext>, in the tars looked at
     cut_short_tars: list = field(default_factory=list)  # source tars ending inside a member
+    ray_retries: int = 0  # Ray task attempts beyond the first (a worker died)
 
     def summary(self) -> str:
         """One line of counts."""
@@ -65,6 +68,7 @@ class BuildResult:
                 f"{self.ignored_members} archive members ignored"
                 + (f", {len(self.cut_short_tars)} source tars cut short (first: "
                    f"{self.cut_short_tars[0]})" if self.cut_short_tars else "")
+                + (f", {self.ray_retries} Ray task retries" if self.ray_retries else "")
                 + f"; in {self.seconds:.1f} s; {state}")
 
 
@@ -187,8 +191,9 @@ def build_shards(db, images, selection, out, *, captioner=None, caption_options=
                  shard_size: int = 1000,
                  workers: int = 1, part=None, image_format: str | None = None,
                  quality: int = 90, max_pixels: int | None = None,
-                 validate: str = "standard", cache_dir=None, progress: bool = True
-                 ) -> BuildResult:
+                 validate: str = "standard", cache_dir=None, progress: bool = True,
+                 ray: str | None = None, ray_retries: int = DEFAULT_RETRIES,
+                 ray_tasks: int | None = None) -> BuildResult:
     """Build (or resume) the shard folder ``out`` from ``selection`` (a Selection or its
     Parquet path), ``db`` (path or open_db handle) and the archives under ``images``.
 
@@ -199,11 +204,18 @@ def build_shards(db, images, selection, out, *, captioner=None, caption_options=
     ``caption_options``: keyword arguments of the default ``Captioner(db, ...)`` (separator,
     keep_separator, groups, ...; not with ``captioner``); recorded in the plan like all of
     the captioner's settings, so resuming with other ones is refused.
+    ``ray``: build the pending shards as tasks on the Ray cluster at this address (``"local"``:
+    a Ray started in this process; ``"auto"``, ``"host:port"``, ``"ray://host:port"``), each
+    task run again up to ``ray_retries`` times if its worker dies, at most ``ray_tasks`` at once
+    (default: the cluster's CPUs); same bytes (hakubooru.raybuild).
     """
     started = time.perf_counter()
     if shard_size < 1 or workers < 1:
         raise HakubooruError("shard size and workers must be at least 1")
     part_i, part_n = parse_part(part) if part is not None else (0, 1)
+    ray_options = RayOptions(ray, ray_retries, ray_tasks) if ray is not None else None
+    if ray_options is not None:
+        import_ray()  # refused before anything is written
     policy = ImagePolicy(image_format, quality, max_pixels, validate)
     source = ImageSource.open(images, cache_dir)
     db = open_db(db) if isinstance(db, (str, Path)) else db
@@ -257,16 +269,25 @@ def build_shards(db, images, selection, out, *, captioner=None, caption_options=
         rows = rows.astype(np.int64)
         captions = iter(captioner.captions(ids[rows[located.found[rows]]]))
         tasks = _shard_entries(pending, blocks, ids, located, captions)
-        bar = tqdm(total=sum(len(blocks[k]) for k in pending), desc="building shards", unit="img",
-                   disable=not progress, smoothing=0.1)
-        try:
-            for sidecar in _run(tasks, str(out), policy, workers):
-                _count(result, sidecar)
-                result.shards_built += 1
-                bar.update(sidecar["samples"] + len(sidecar["skipped"]))
-                bar.set_postfix(written=result.written, skipped=sum(result.skipped.values()))
-        finally:
-            bar.close()
+        size = 0
+        on_ray = RayShards(ray_options, plan) if ray_options and pending else None
+        with on_ray or contextlib.nullcontext():  # a Ray connection, or none
+            run = on_ray.run if on_ray else functools.partial(_run, workers=workers)
+            bar = tqdm(total=sum(len(blocks[k]) for k in pending), desc="building shards",
+                       unit="img", disable=not progress, smoothing=0.1)
+            shards = run(tasks, str(out), policy)
+            try:
+                for sidecar in shards:
+                    _count(result, sidecar)
+                    result.shards_built += 1
+                    size += sidecar["size"]
+                    bar.update(sidecar["samples"] + len(sidecar["skipped"]))
+                    bar.set_postfix(written=result.written, skipped=sum(result.skipped.values()),
+                                    size=f"{size / 2**20:.1f} MiB")
+            finally:
+                shards.close()  # a stopped build cancels what is still running (Ray: before shutdown)
+                bar.close()
+        result.ray_retries = on_ray.retries if on_ray else 0
         with lock.shared_files():
             result.complete = mf.assemble(out, plan, functools.partial(_write_tag_counts, out)) is not None
     result.seconds = time.perf_counter() - started

@@ -4,7 +4,9 @@
 also honours): byte ``k`` is shard ``k``, held by the build writing it, so a second build of the
 same shards (the same part, or overlapping parts) stops at once with one line while parts with
 other shards run side by side; byte ``SHARED_FILES`` is held while manifest.json, index.parquet
-and skipped.parquet are assembled. A holder may delete the temporary files of what it holds:
+and skipped.parquet are assembled; byte ``WRITERS + k`` is held by the process writing shard k
+(a Ray task: a task of a killed driver still finishing on the cluster makes its successor wait
+rather than write the same temporary file). A holder may delete the temporary files of what it holds:
 no one else can be writing them.
 """
 from __future__ import annotations
@@ -18,6 +20,7 @@ from .errors import HakubooruError
 
 LOCK_FILE = ".hakubooru-build.lock"
 SHARED_FILES = 1 << 40  # lock offset of the folder-wide files (above any shard number)
+WRITERS = 1 << 41  # WRITERS + k: the process writing shard k's files (Ray tasks)
 
 
 class BuildLock:
@@ -48,6 +51,15 @@ class BuildLock:
             yield
         finally:
             fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, SHARED_FILES)
+
+    @contextlib.contextmanager
+    def writing(self, k: int):
+        """Hold shard ``k``'s writer lock (waits for another process writing it)."""
+        fcntl.lockf(self._fd, fcntl.LOCK_EX, 1, WRITERS + k)
+        try:
+            yield
+        finally:
+            fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, WRITERS + k)
 
     def __enter__(self):
         return self

@@ -16,6 +16,8 @@ import pytest
 import webdataset as wds
 
 from tests.helpers import REPO
+from tests.helpers.archives import folder_bytes
+from tests.helpers.raycluster import new_mark, ray_env, stop_marked
 from tests.helpers.shards import CLASSES, _image
 
 MARK = "<!-- commands: tests/test_docs_commands.py -->"
@@ -29,8 +31,8 @@ def marked_commands(doc: str) -> list[list[str]]:
     return [[line for line in b.replace("\\\n", " ").splitlines() if line.strip()] for b in blocks]
 
 
-def run_lines(lines, cwd):
-    env = {**os.environ, "PYTHONPATH": str(REPO),
+def run_lines(lines, cwd, env=None):
+    env = {**(env or os.environ), "PYTHONPATH": str(REPO),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "HAKUBOORU_TARINDEX_CACHE": str(cwd / ".cache")}
     outputs = []
@@ -54,7 +56,7 @@ def write_wds(folder: Path, n: int = 12) -> None:
 
 @pytest.mark.slow
 def test_docs_shards_walkthrough(tmp_path):
-    demo, foreign = marked_commands("docs/shards.md")
+    _, demo, foreign = marked_commands("docs/shards.md")
     outputs = run_lines(demo, tmp_path)
     assert "num_rows" in outputs[3].stdout
     assert " ||| " in outputs[4].stdout  # the first sample's caption, keep separator included
@@ -70,11 +72,34 @@ def test_docs_shards_walkthrough(tmp_path):
 @pytest.mark.slow
 def test_readme_shard_commands(tmp_path):
     (lines,) = marked_commands("README.md")
-    demo, _ = marked_commands("docs/shards.md")
+    _, demo, _ = marked_commands("docs/shards.md")
     run_lines(demo[:3], tmp_path)  # the README's out/ comes from the build above
     write_wds(tmp_path / "wds")
     run_lines(lines, tmp_path)
     assert (tmp_path / "train" / "2_danbooru").is_dir() and (tmp_path / "wds" / "manifest.json").is_file()
+
+
+@pytest.mark.slow
+def test_docs_ray_cluster_walkthrough(tmp_path):
+    """Two Ray nodes on this machine (their own home for the token, their own temp folder), the
+    build through them, and the comparison with the local build; then those nodes are ended."""
+    cluster, demo, _ = marked_commands("docs/shards.md")
+    run_lines(demo[:3], tmp_path)
+    mark = new_mark()
+    (tmp_path / "home").mkdir()
+    env = {**ray_env(mark), "HOME": str(tmp_path / "home")}
+    del env["RAY_AUTH_MODE"]  # the commands set it where Ray needs it
+    try:
+        outputs = run_lines(cluster, tmp_path, env)
+    finally:
+        stop_marked(mark)
+    assert (tmp_path / "home" / ".ray" / "auth_token").is_file()
+    assert folder_bytes(tmp_path / "out-ray") == folder_bytes(tmp_path / "out")
+    # the terminal shows the progress bars and the end-of-run line, no line of Ray's
+    lines = [line.strip() for line in outputs[3].stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("out-ray: 3 shards built, 0 verified (of 3); 300 posts")
+    assert all(line.startswith(("indexing archives", "verifying finished shards", "building shards"))
+               for line in lines[:-1]), lines
 
 
 @pytest.mark.slow

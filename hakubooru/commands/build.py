@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from ..errors import HakubooruError
 from ..images import FORMATS, VALIDATION_LEVELS
+from ..raybuild import DEFAULT_RETRIES
 from .caption_style import add_caption_arguments, caption_options
 
 
@@ -25,6 +26,16 @@ def add_build_arguments(parser) -> None:
                         help="processes building shards (default: %(default)s)")
     parser.add_argument("--part", help="build only part i/N of the shards (0 <= i < N; "
                                        "default: all)")
+    parser.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                        help="build the shards as tasks on the Ray cluster at ADDRESS (auto, "
+                             "host:port, ray://host:port; without ADDRESS: a Ray started here for "
+                             "this build); every node must see --out and --images at the same "
+                             "paths (default: no Ray)")
+    parser.add_argument("--ray-retries", type=int, default=DEFAULT_RETRIES,
+                        help="runs of a Ray task again after its worker died (default: %(default)s)")
+    parser.add_argument("--ray-tasks", type=int,
+                        help="Ray tasks at once (default: the cluster's CPUs; for a Ray started "
+                             "here, this machine's)")
     parser.add_argument("--format", choices=sorted(FORMATS), dest="image_format",
                         help="re-encode every image to this format (default: pass through)")
     parser.add_argument("--quality", type=int, default=90,
@@ -44,7 +55,8 @@ def build_options(args) -> dict:
     return {"shard_size": args.shard_size, "workers": args.workers, "part": args.part,
             "image_format": args.image_format, "quality": args.quality,
             "max_pixels": args.max_pixels, "validate": args.validate,
-            "cache_dir": args.cache_dir, "progress": not args.quiet}
+            "cache_dir": args.cache_dir, "progress": not args.quiet, "ray": args.ray,
+            "ray_retries": args.ray_retries, "ray_tasks": args.ray_tasks}
 
 
 def run(args) -> int:

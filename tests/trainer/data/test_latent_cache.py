@@ -17,7 +17,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from hakubooru.errors import HakubooruError
-from tests.helpers import REPO
+from tests.helpers import REPO, free_port
 from tests.helpers.shards import make_test_shards
 from trainers.lokr.data.latent_cache_build import KILL_AFTER_CHUNKS_ENV, build_cache
 from trainers.lokr.config import load_config
@@ -121,6 +121,24 @@ def test_two_ranks_build_the_same_cache(shards, reference, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stderr.count("cache complete") == 1  # rank 0 alone assembles, after every rank is done
     assert "rank 1/2: " in run.stderr and "rank 0 writes the manifest" in run.stderr
+    assert files(out) == files(reference)
+
+
+@pytest.mark.slow
+def test_two_nodes_build_the_same_cache(shards, reference, tmp_path):
+    """docs/latent-cache.md's multi-node command: two torchrun launches with --nnodes 2 (here on
+    one machine, meeting at a c10d rendezvous on the loopback address), one process each."""
+    out = tmp_path / "latents"
+    port = free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+         "--rdzv-backend", "c10d", "--rdzv-id", "cache", "--rdzv-endpoint", f"127.0.0.1:{port}",
+         "-m", "trainers.lokr.cache", *CLI_BUILD, "--shards", str(shards), "--out", str(out),
+         "--dtype", "fp32"], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    errs = [node.communicate(timeout=600)[1] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(e[-2000:] for e in errs)
+    assert "".join(errs).count("cache complete") == 1  # global rank 0 alone assembles
     assert files(out) == files(reference)
 
 
