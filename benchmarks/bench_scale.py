@@ -19,8 +19,9 @@ process (and of the worker processes it started):
 - resume_setup: `setup(..., resume=...)` from a state written by the trainer_setup process;
 - cache_plan: the latent cache builder's plan (index, checks, buckets, chunks);
 - export_plan: `hakubooru export --to kohya` before its first file (index, checks, stems, order);
-- index: `hakubooru index` of the folder's tars as foreign webdataset shards (symlinked into a
-  new folder): every member hashed, every tar checksummed, tags counted — a pass over the data;
+- index: `hakubooru index --workers <cores>` of the folder's tars as foreign webdataset shards
+  (symlinked into a new folder): every member hashed, every tar checksummed, tags counted — a
+  pass over the data;
 - ranks_workers: `torchrun --nproc-per-node 4 -m trainers.lokr --config tiny` (gloo, CPU) with
   4 DataLoader workers per rank for a few steps (on a view of the folder whose index gives the
   images' true 1×1 sizes, which the trainer checks), every process's memory sampled from
@@ -79,7 +80,7 @@ def run_phase(phase: str, folder: Path, work: Path) -> dict:
         for tar in folder.glob("*.tar"):
             (foreign / tar.name).symlink_to(tar)
         start, cpu = time.perf_counter(), time.process_time()
-        index_webdataset(foreign, progress=False)
+        index_webdataset(foreign, progress=False, workers=os.cpu_count() or 1)
     else:
         out = work / "run"
         run = setup(load_config("tiny", ["data.workers=0"]), folder, out,

@@ -69,9 +69,14 @@ def merge_counts(parts) -> dict[str, int]:
     """The sum of several count dicts."""
     total: dict[str, int] = {}
     for part in parts:
-        for tag, n in part.items():
-            total[tag] = total.get(tag, 0) + n
+        add_counts(total, part)
     return total
+
+
+def add_counts(total: dict[str, int], part: dict[str, int]) -> None:
+    """Add the counts of ``part`` into ``total`` (so that parts need not be held until the end)."""
+    for tag, n in part.items():
+        total[tag] = total.get(tag, 0) + n
 
 
 def write_tag_counts(root, counts: dict[str, int], fingerprint: str) -> None:
@@ -110,7 +115,7 @@ def ensure_tag_counts(root, fingerprint: str, *, workers: int = 4, progress: boo
     print(f"counting the tags of {root} once ({sum(len(t[1]) for t in tasks):,} samples in {len(tasks)} "
           f"shards; stored in {TAG_COUNTS_FILE} for next time)", file=sys.stderr)
     bar = tqdm(total=sum(len(t[1]) for t in tasks), desc="counting tags", unit="sample", disable=not progress)
-    parts = []
+    counts: dict[str, int] = {}
     if workers <= 1 or len(tasks) <= 1:
         results = map(_count_shard, tasks)
         pool = None
@@ -120,13 +125,12 @@ def ensure_tag_counts(root, fingerprint: str, *, workers: int = 4, progress: boo
         results = pool.imap(_count_shard, tasks, chunksize=4)
     try:
         for part, n in results:
-            parts.append(part)
+            add_counts(counts, part)
             bar.update(n)
     finally:
         if pool is not None:
             pool.terminate()
         bar.close()
-    counts = merge_counts(parts)
     try:
         write_tag_counts(root, counts, fingerprint)
     except OSError as e:

@@ -16,6 +16,8 @@ compressed shards cannot be read by offset.
 from __future__ import annotations
 
 import io
+import multiprocessing
+import os
 import re
 import sys
 import tarfile
@@ -24,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import xxhash
 from PIL import Image
 from tqdm import tqdm
@@ -34,7 +37,8 @@ from .manifest import (FORMAT, HASH_COLUMNS, INDEX_SCHEMA, MANIFEST_FILE, SKIPPE
                        write_atomic, write_parquet)
 from .shardfolder import INDEX_FILE, shard_folder
 from .shardwriter import CHECKSUM, file_checksum, member_hash
-from .tagcounts import add_tags, caption_tags, json_tags, merge_counts, write_tag_counts
+from .procs import die_with_parent
+from .tagcounts import add_counts, add_tags, caption_tags, json_tags, write_tag_counts
 
 WDS_FORMAT = "hakubooru-webdataset-index/1"
 WDS_INDEX_SCHEMA = INDEX_SCHEMA.append(pa.field("key", pa.string()))
@@ -47,10 +51,13 @@ _INT_COLUMNS = ("image_offset", "image_size", "txt_offset", "txt_size", "json_of
                 "json_size", "width", "height")
 
 
-def index_webdataset(folder, progress: bool = True) -> dict:
+def index_webdataset(folder, progress: bool = True, workers: int = 1) -> dict:
     """Write ``index.parquet``, ``skipped.parquet`` and ``manifest.json`` for the webdataset
-    shards ``folder/*.tar``; returns the manifest. Prints one line of counts."""
+    shards ``folder/*.tar`` (read by ``workers`` processes, shard by shard; the files do not
+    depend on their number); returns the manifest. Prints one line of counts."""
     started = time.perf_counter()
+    if workers < 1:
+        raise HakubooruError(f"--workers must be ≥ 1, got {workers}")
     root = shard_folder(folder, need_index=False)
     existing = read_json(root / MANIFEST_FILE)
     if existing is not None and existing.get("format") == FORMAT:
@@ -67,42 +74,53 @@ def index_webdataset(folder, progress: bool = True) -> dict:
                 "decompress the shards)") if compressed else ""
         raise HakubooruError(f"{root} holds no .tar shards{hint}")
 
-    parts, skipped, shards = [], [], []
-    for tar_path in tqdm(tars, desc="indexing shards", unit="shard", disable=not progress):
-        found, lost = _scan(tar_path)
-        parts.append(found)
-        skipped.extend(lost)
-        shards.append({"name": tar_path.name, "samples": len(found["key"]),
-                       "size": tar_path.stat().st_size, CHECKSUM: file_checksum(tar_path)})
+    parts, skipped, shards, counts = [], [], [], {}
+    bar = tqdm(total=len(tars), desc="indexing shards", unit="shard", disable=not progress)
+    try:
+        for found, lost in _scans(tars, workers):
+            add_counts(counts, found.pop("tags"))
+            parts.append(found)
+            skipped.extend(lost)
+            shards.append({"name": found["shard"], "samples": len(found["key"]),
+                           "size": found.pop("size"), CHECKSUM: found.pop(CHECKSUM)})
+            bar.update(1)
+    finally:
+        bar.close()
     columns = {name: np.concatenate([p[name] for p in parts]) for name in _INT_COLUMNS + HASH_COLUMNS}
-    keys = [k for p in parts for k in p["key"]]
-    columns["ext"] = [e for p in parts for e in p["ext"]]
-    numeric = all(_NUMBER.match(k) for k in keys) and len({int(k) for k in keys}) == len(keys)
-    ids = (np.array([int(k) for k in keys], np.int64) if numeric
-           else np.arange(len(keys), dtype=np.int64))
+    keys = pa.chunked_array([p["key"] for p in parts], pa.string()).combine_chunks()
+    columns["ext"] = pa.chunked_array([p["ext"] for p in parts], pa.string()).combine_chunks()
+    columns["shard"] = pa.DictionaryArray.from_arrays(
+        np.repeat(np.arange(len(parts), dtype=np.int32), [len(p["key"]) for p in parts]),
+        pa.array([p["shard"] for p in parts], pa.string())).cast(pa.string())
+    numeric = pc.all(pc.match_substring_regex(keys, _NUMBER.pattern)).as_py() is not False  # None: no keys
+    ids = keys.cast(pa.int64()).to_numpy() if numeric else None
+    numeric = numeric and len(np.unique(ids)) == len(keys)
+    if not numeric:
+        ids = np.arange(len(keys), dtype=np.int64)
     order = np.argsort(ids, kind="stable")
-    columns.update(id=ids, key=keys, shard=[n for p in parts for n in [p["shard"]] * len(p["key"])])
-    table = pa.table({name: pa.array(columns[name]) for name in WDS_INDEX_SCHEMA.names})
+    columns.update(id=ids, key=keys)
+    table = pa.table({name: columns[name] for name in WDS_INDEX_SCHEMA.names})
     table = table.cast(WDS_INDEX_SCHEMA).take(pa.array(order))
+    del columns, parts
     write_parquet(root / INDEX_FILE, table)
     write_parquet(root / SKIPPED_FILE, pa.table(
         {name: [s[i] for s in skipped] for i, name in enumerate(WDS_SKIPPED_SCHEMA.names)},
         schema=WDS_SKIPPED_SCHEMA))
-    with_txt = int(np.count_nonzero(columns["txt_size"] >= 0))
-    with_json = int(np.count_nonzero(columns["json_size"] >= 0))
+    with_txt = int(pc.sum(pc.greater_equal(table.column("txt_size"), 0)).as_py() or 0)
+    with_json = int(pc.sum(pc.greater_equal(table.column("json_size"), 0)).as_py() or 0)
     reasons: dict[str, int] = {}
     for _, _, reason in skipped:
         reasons[reason] = reasons.get(reason, 0) + 1
     manifest = {
         "format": WDS_FORMAT,
         "ids": "keys" if numeric else "positions",
-        "counts": {"written": len(keys), "skipped": len(skipped), "skipped_by_reason": reasons,
+        "counts": {"written": table.num_rows, "skipped": len(skipped), "skipped_by_reason": reasons,
                    "with_txt": with_txt, "with_json": with_json},
         "shards": shards,
         "files": {"index": INDEX_FILE, "skipped": SKIPPED_FILE},
     }
     manifest["fingerprint"] = "xxh3_128:" + xxhash.xxh3_128(dump_json(manifest)).hexdigest()
-    write_tag_counts(root, merge_counts(p["tags"] for p in parts), manifest["fingerprint"])
+    write_tag_counts(root, counts, manifest["fingerprint"])
     write_atomic(root / MANIFEST_FILE, dump_json(manifest))
     c = manifest["counts"]
     print(f"{root}: indexed {len(tars)} shards; {c['written']} samples ({c['with_txt']} with "
@@ -113,10 +131,23 @@ def index_webdataset(folder, progress: bool = True) -> dict:
     return manifest
 
 
+def _scans(tars: list[Path], workers: int):
+    """``_scan`` of each tar, in order, in ``workers`` processes (forked; they end with this one)."""
+    if workers <= 1 or len(tars) <= 1:
+        yield from map(_scan, tars)
+        return
+    pool = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn").Pool(
+        min(workers, len(tars)), die_with_parent, (os.getpid(),))
+    try:
+        yield from pool.imap(_scan, tars)
+    finally:
+        pool.terminate()
+
+
 def _scan(path: Path) -> tuple[dict, list[tuple]]:
-    """The samples of one tar (in member order) as columns — ``key``, ``ext`` lists, ``shard``,
-    NumPy int64 arrays for the rest, ``tags`` their tag counts — and the skipped ones (key, shard,
-    reason)."""
+    """The samples of one tar (in member order) as columns — ``key``, ``ext`` (Arrow strings),
+    ``shard``, NumPy int64 arrays for the rest, ``tags`` their tag counts, the tar's ``size`` and
+    checksum — and the skipped ones (key, shard, reason)."""
     groups: dict[str, dict[str, tarfile.TarInfo]] = {}
     try:
         tar = tarfile.open(path, "r:")
@@ -170,6 +201,8 @@ def _scan(path: Path) -> tuple[dict, list[tuple]]:
                 ints[name].append(values[name])
     found.update({name: np.array(v, np.int64) for name, v in ints.items()})
     found.update({name: np.array(v, np.uint64) for name, v in hashes.items()})
+    found.update(key=pa.array(found["key"], pa.string()), ext=pa.array(found["ext"], pa.string()),
+                 size=path.stat().st_size, **{CHECKSUM: file_checksum(path)})
     return found, skipped
 
 

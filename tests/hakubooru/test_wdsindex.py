@@ -99,10 +99,13 @@ def test_index_reads_tarwriter_shards_without_touching_them(img2dataset_like):
     manifest = json.loads((root / "manifest.json").read_text())
     assert [(s["name"], s["samples"], s["size"], s["xxh3_128"]) for s in manifest["shards"]] == [
         (n, c, (root / n).stat().st_size, before[n]) for n, c in (("00000.tar", 10), ("00001.tar", 12))]
-    # a second run gives the same files
-    first = {n: (root / n).read_bytes() for n in ("index.parquet", "manifest.json")}
+    # a second run gives the same files, and so do 2 processes reading the shards
+    written = ("index.parquet", "manifest.json", "skipped.parquet", "tag_counts.parquet")
+    first = {n: (root / n).read_bytes() for n in written}
     index_webdataset(root, progress=False)
-    assert first == {n: (root / n).read_bytes() for n in ("index.parquet", "manifest.json")}
+    assert first == {n: (root / n).read_bytes() for n in written}
+    index_webdataset(root, progress=False, workers=2)
+    assert first == {n: (root / n).read_bytes() for n in written}
 
 
 def test_trainer_captions_come_from_the_txt(img2dataset_like):
