@@ -197,7 +197,7 @@ def collect(shards_dir, *, max_windows: int = 3, db=None, workers: int = 1,
     return out
 
 
-_TASKS_PER_WORKER = 32
+_TASKS_PER_WORKER = 8
 _WORKER: dict = {}
 
 
@@ -219,7 +219,7 @@ def _scan(tasks) -> "_Accumulator":
             records = []
             for offset, size, post_id in zip(offsets.tolist(), sizes.tolist(), ids.tolist()):
                 try:
-                    records.append(json.loads(os.pread(fd, size, offset)))
+                    records.append(json.loads(os.pread(fd, size, offset).decode()))
                 except (ValueError, UnicodeDecodeError):
                     raise HakubooruError(f"post {post_id} in {path}: its .json record is not "
                                          "valid JSON; rebuild the shard") from None
