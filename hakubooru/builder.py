@@ -270,7 +270,7 @@ def build_shards(db, images, selection, out, *, captioner=None, caption_options=
         captions = iter(captioner.captions(ids[rows[located.found[rows]]]))
         tasks = _shard_entries(pending, blocks, ids, located, captions)
         size = 0
-        on_ray = RayShards(ray_options, plan) if ray_options and pending else None
+        on_ray = RayShards(ray_options, plan, _build_shard) if ray_options and pending else None
         with on_ray or contextlib.nullcontext():  # a Ray connection, or none
             run = on_ray.run if on_ray else functools.partial(_run, workers=workers)
             bar = tqdm(total=sum(len(blocks[k]) for k in pending), desc="building shards",

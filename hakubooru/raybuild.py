@@ -57,9 +57,10 @@ def import_ray():
 class RayShards:
     """A connection to a Ray cluster (``with`` block) that builds shards as tasks."""
 
-    def __init__(self, options: RayOptions, plan: dict):
+    def __init__(self, options: RayOptions, plan: dict, build_shard):
         self.options = options
         self.plan = plan
+        self.build_shard = build_shard  # builder._build_shard (passed in: builder imports this module)
         self.retries = 0  # task attempts beyond the first, counted by the tasks themselves
         self.ray = import_ray()
         self._stack = contextlib.ExitStack()
@@ -102,7 +103,7 @@ class RayShards:
         running: dict = {}  # ObjectRef -> shard number
         try:
             for k, entries in tasks:
-                running[task.remote(out, k, _absolute(entries), policy, self.plan, attempts)] = k
+                running[task.remote(self.build_shard, out, k, _absolute(entries), policy, self.plan, attempts)] = k
                 if len(running) >= limit:
                     yield from self._collect(running)
             while running:
@@ -161,12 +162,10 @@ class _Attempts:
         return sum(n - 1 for n in self.counts.values())
 
 
-def _shard_task(out: str, k: int, entries: list, policy, plan: dict, attempts) -> dict:
-    """The Ray task body: builder._build_shard once the folder is seen and the shard's writer
-    lock is held."""
+def _shard_task(build_shard, out: str, k: int, entries: list, policy, plan: dict, attempts) -> dict:
+    """The Ray task body: ``build_shard`` (builder._build_shard) once the folder is seen and the
+    shard's writer lock is held."""
     import ray
-
-    from .builder import _build_shard
 
     ray.get(attempts.start.remote(k))
     _hold_for_test(k)
@@ -176,7 +175,7 @@ def _shard_task(out: str, k: int, entries: list, policy, plan: dict, attempts) -
             f"{mf.PLAN_FILE} there, or another one); every node must mount it at the same path "
             "(a shared file system)")
     with BuildLock(Path(out)) as lock, lock.writing(k):
-        return _build_shard(out, k, entries, policy)
+        return build_shard(out, k, entries, policy)
 
 
 def _hold_for_test(k: int) -> None:
