@@ -9,6 +9,7 @@ elsewhere a daemon thread polls the parent pid every second.
 from __future__ import annotations
 
 import ctypes
+import multiprocessing
 import os
 import signal
 import sys
@@ -26,6 +27,20 @@ def die_with_parent(parent_pid: int) -> None:
             _check(parent_pid)  # the parent may have died before prctl: then no signal comes
             return
     threading.Thread(target=_watch, args=(parent_pid,), name="die-with-parent", daemon=True).start()
+
+
+def ordered_map(func, items: list, workers: int, chunksize: int = 1):
+    """``map(func, items)``, in order, in ``workers`` forked processes (spawned off Linux) that end
+    with this one; in this process for one worker or one item. Stopping the iteration ends them."""
+    if workers <= 1 or len(items) <= 1:
+        yield from map(func, items)
+        return
+    pool = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn").Pool(
+        min(workers, len(items)), die_with_parent, (os.getpid(),))
+    try:
+        yield from pool.imap(func, items, chunksize=chunksize)
+    finally:
+        pool.terminate()
 
 
 def _check(parent_pid: int) -> None:

@@ -15,7 +15,6 @@ parallel, and stores it.
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import sys
 from pathlib import Path
@@ -28,7 +27,7 @@ from tqdm import tqdm
 from .captioner import CAPTION_GROUPS
 from .errors import HakubooruError
 from .manifest import INDEX_FILE, TAG_COUNTS_FILE, write_parquet
-from .procs import die_with_parent
+from .procs import ordered_map
 from .shardfolder import shard_runs
 
 SCHEMA = pa.schema([("tag", pa.string()), ("count", pa.int64())])
@@ -116,20 +115,11 @@ def ensure_tag_counts(root, fingerprint: str, *, workers: int = 4, progress: boo
           f"shards; stored in {TAG_COUNTS_FILE} for next time)", file=sys.stderr)
     bar = tqdm(total=sum(len(t[1]) for t in tasks), desc="counting tags", unit="sample", disable=not progress)
     counts: dict[str, int] = {}
-    if workers <= 1 or len(tasks) <= 1:
-        results = map(_count_shard, tasks)
-        pool = None
-    else:
-        pool = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn").Pool(
-            min(workers, len(tasks)), die_with_parent, (os.getpid(),))
-        results = pool.imap(_count_shard, tasks, chunksize=4)
     try:
-        for part, n in results:
+        for part, n in ordered_map(_count_shard, tasks, workers, chunksize=4):
             add_counts(counts, part)
             bar.update(n)
     finally:
-        if pool is not None:
-            pool.terminate()
         bar.close()
     try:
         write_tag_counts(root, counts, fingerprint)

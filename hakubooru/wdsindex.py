@@ -16,8 +16,6 @@ compressed shards cannot be read by offset.
 from __future__ import annotations
 
 import io
-import multiprocessing
-import os
 import re
 import sys
 import tarfile
@@ -37,7 +35,7 @@ from .manifest import (FORMAT, HASH_COLUMNS, INDEX_SCHEMA, MANIFEST_FILE, SKIPPE
                        write_atomic, write_parquet)
 from .shardfolder import INDEX_FILE, shard_folder
 from .shardwriter import CHECKSUM, file_checksum, member_hash
-from .procs import die_with_parent
+from .procs import ordered_map
 from .tagcounts import add_counts, add_tags, caption_tags, json_tags, write_tag_counts
 
 WDS_FORMAT = "hakubooru-webdataset-index/1"
@@ -77,7 +75,7 @@ def index_webdataset(folder, progress: bool = True, workers: int = 1) -> dict:
     parts, skipped, shards, counts = [], [], [], {}
     bar = tqdm(total=len(tars), desc="indexing shards", unit="shard", disable=not progress)
     try:
-        for found, lost in _scans(tars, workers):
+        for found, lost in ordered_map(_scan, tars, workers):
             add_counts(counts, found.pop("tags"))
             parts.append(found)
             skipped.extend(lost)
@@ -129,19 +127,6 @@ def index_webdataset(folder, progress: bool = True, workers: int = 1) -> dict:
           + f"; ids from {manifest['ids']}; in {time.perf_counter() - started:.1f} s",
           file=sys.stderr)
     return manifest
-
-
-def _scans(tars: list[Path], workers: int):
-    """``_scan`` of each tar, in order, in ``workers`` processes (forked; they end with this one)."""
-    if workers <= 1 or len(tars) <= 1:
-        yield from map(_scan, tars)
-        return
-    pool = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn").Pool(
-        min(workers, len(tars)), die_with_parent, (os.getpid(),))
-    try:
-        yield from pool.imap(_scan, tars)
-    finally:
-        pool.terminate()
 
 
 def _scan(path: Path) -> tuple[dict, list[tuple]]:

@@ -193,6 +193,9 @@ def test_refusals(img2dataset_like, tmp_path, synth_demo):
     root, _ = img2dataset_like
     with pytest.raises(HakubooruError, match="is one shard; pass the folder"):
         index_webdataset(root / "00000.tar")
+    done = subprocess.run([sys.executable, "-m", "hakubooru", "index", str(root), "--workers", "0"],
+                          capture_output=True, text=True)
+    assert (done.returncode, done.stderr) == (2, "error: --workers must be ≥ 1, got 0\n")
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "a.tar.gz").write_bytes(b"x")
