@@ -125,7 +125,7 @@ def plan_export(root: Path, *, repeats: int = 1, name: str = "hakubooru", link: 
                 keep_separator: str | None = None) -> ExportPlan:
     """Read the index of shard folder ``root`` and check the options against it (one error line
     for what the export cannot serve); no Python object per sample."""
-    table = read_index(root)
+    table = read_index(root, [*_NUMERIC, "shard", "ext"], optional=["key"])
     style = _style(root)
     _check(root, table, style, repeats, name, link, keep_separator)
     shard, shard_names = _codes(table.column("shard"), sort=True)

@@ -30,10 +30,13 @@ def shard_folder(path, need_index: bool = True) -> Path:
     return root
 
 
-def read_index(root: Path, columns=None) -> pa.Table:
-    """``index.parquet`` of a shard folder (only ``columns`` if given); one error line if unreadable."""
+def read_index(root: Path, columns=None, optional=()) -> pa.Table:
+    """``index.parquet`` of a shard folder (only ``columns`` if given, and those of ``optional``
+    the file has); one error line if unreadable."""
     path = Path(root) / INDEX_FILE
     try:
+        if optional:
+            columns = [*columns, *(c for c in optional if c in pq.read_schema(path).names)]
         return pq.read_table(path, columns=columns)
     except (pa.ArrowException, OSError) as e:
         raise HakubooruError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
