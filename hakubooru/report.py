@@ -1,7 +1,9 @@
 """The numbers of a dataset report on a built shard folder (see docs/report.md).
 
-Reads ``manifest.json``, ``index.parquet``, ``skipped.parquet`` and every sample's ``.json``
-record (one positioned read each, at the offset the index gives); never an image. The
+Reads ``manifest.json``, ``index.parquet``, ``skipped.parquet``, ``tag_counts.parquet`` and
+every sample's ``.json`` record (one positioned read each, at the offset the index gives); never
+an image. The general tags are not counted again: their counts are the build's tag counts less
+the other groups' tags, which are few (a folder without stored counts counts them too). The
 training-bucket section is the trainer's to add (``python -m trainers.lokr report --dataset``,
 docs/architecture.md): this library never imports its trainer.
 """
@@ -22,6 +24,7 @@ from .captioner import CAPTION_GROUPS
 from .errors import HakubooruError
 from .manifest import INDEX_FILE, MANIFEST_FILE, SKIPPED_FILE
 from .shardfolder import shard_runs
+from .tagcounts import add_tags, read_tag_counts
 from .db import RATINGS
 from .quality import LOWEST_QUALITY, QUALITY_LEVELS
 from .tagrules import PEOPLE_COUNT_TAGS, TAG_GROUPS, YEAR_TAGS, format_tag
@@ -73,69 +76,89 @@ def _read_index(root: Path) -> pa.Table:
 class _TokenLengths:
     """CLIP token counts of captions, from per-tag counts: CLIP's pre-tokenizer splits at
     whitespace, so ``"a, b"`` tokenizes as ``"a,"`` then ``"b"`` and a caption's tokens are
-    its tags' tokens (each with its separating comma, the last without), in order."""
+    its tags' tokens (each with its separating comma, the last without), in order.
 
-    def __init__(self):
-        try:
-            from .clip_tokenizer import sdxl_tokenizer
-            self._tok = sdxl_tokenizer(1).backend_tokenizer
-        except ImportError:
-            raise HakubooruError("caption token lengths need transformers (the train extra): "
-                                 "pip install 'hakubooru[train]'") from None
-        self._tok.no_truncation()
-        self._tok.no_padding()
-        self.with_comma: dict[str, int] = {}
-        self.alone: dict[str, int] = {}
+    ``frozen``: the tags learnt so far are the folder's stored tag counts; a caption with any
+    other tag is reported as not ``clean`` (its tags are learnt apart, never mixed in)."""
+
+    def __init__(self, with_comma: dict | None = None, alone: dict | None = None, frozen: bool = False):
+        self._tok = None
+        self.with_comma: dict[str, int] = {} if with_comma is None else with_comma
+        self.alone: dict[str, int] = {} if alone is None else alone
+        self.frozen = frozen
+        self._new = (self.with_comma, self.alone) if not frozen else ({}, {})
+
+    def _tokenizer(self):
+        if self._tok is None:
+            try:
+                from .clip_tokenizer import sdxl_tokenizer
+                self._tok = sdxl_tokenizer(1).backend_tokenizer
+            except ImportError:
+                raise HakubooruError("caption token lengths need transformers (the train extra): "
+                                     "pip install 'hakubooru[train]'") from None
+            self._tok.no_truncation()
+            self._tok.no_padding()
+        return self._tok
 
     def learn(self, tags) -> None:
-        """Tokenize the tags not seen before (in one batch). A tag ending in a letter or digit
+        """Tokenize the tags not known yet (in one batch). A tag ending in a letter or digit
         is followed by the comma as a pre-token of its own (one more token); one ending in
         punctuation may merge with it (``"),"``), so that form is tokenized too."""
-        new = list(set(tags).difference(self.alone))
+        with_comma, alone = self._new
+        new = [t for t in set(tags) if t not in self.alone and t not in alone]
         if not new:
             return
-        for tag, enc in zip(new, self._tok.encode_batch(new, add_special_tokens=False)):
-            self.alone[tag] = len(enc.ids)
+        tok = self._tokenizer()
+        for tag, enc in zip(new, tok.encode_batch(new, add_special_tokens=False)):
+            alone[tag] = len(enc.ids)
         odd = []
         for tag in new:
             if tag[-1:].isalnum():
-                self.with_comma[tag] = self.alone[tag] + 1
+                with_comma[tag] = alone[tag] + 1
             else:
                 odd.append(tag)
         comma = SEPARATOR.strip()
-        for tag, enc in zip(odd, self._tok.encode_batch([t + comma for t in odd], add_special_tokens=False)):
-            self.with_comma[tag] = len(enc.ids)
+        for tag, enc in zip(odd, tok.encode_batch([t + comma for t in odd], add_special_tokens=False)):
+            with_comma[tag] = len(enc.ids)
 
-    def length(self, tags: list[str]) -> int:
-        """Tokens of the caption ``", ".join(tags)``."""
-        if not tags:
-            return 0
-        last = tags[-1]
-        return sum(map(self.with_comma.__getitem__, tags)) - self.with_comma[last] + self.alone[last]
-
-    def lengths(self, captions: list[list[str]]) -> list[int]:
-        """``length`` of each caption, tokenizing first (in one batch) the tags of the captions
-        that hold a tag not seen before."""
-        out, new = [], []
-        for i, caption in enumerate(captions):
-            try:
-                out.append(self.length(caption))
-            except KeyError:
-                out.append(-1)
-                new.append(i)
-        if new:
-            self.learn(set().union(*(captions[i] for i in new)))
-            for i in new:
-                out[i] = self.length(captions[i])
-        return out
+    def lengths(self, groups: list[list[str]], per: int) -> tuple[np.ndarray, bool]:
+        """Tokens of each caption ``", ".join(tags)``, the captions given as their groups' tag
+        lists (``per`` consecutive lists a caption, in caption order), and whether every tag
+        was known before (else the new ones are tokenized first, in one batch)."""
+        sizes = np.array(list(map(len, groups)), dtype=np.int64).reshape(-1, per).sum(axis=1)
+        flat = list(chain.from_iterable(groups))
+        try:
+            return _caption_lengths(flat, sizes, self.with_comma, self.alone), True
+        except KeyError:
+            pass
+        self.learn(flat)
+        if not self.frozen:
+            return _caption_lengths(flat, sizes, self.with_comma, self.alone), False
+        with_comma, alone = self._new
+        local = set(flat)
+        return _caption_lengths(flat, sizes, {t: self.with_comma.get(t) or with_comma[t] for t in local},
+                                {t: self.alone.get(t) or alone[t] for t in local}), False
 
     def ends(self, tags: list[str]) -> list[int]:
         """For each tag, the caption's tokens up to the end of its own text (its comma left out)."""
         out, before = [], 0
         for t in tags:
-            out.append(before + self.alone[t])
-            before += self.with_comma[t]
+            alone = self.alone[t] if t in self.alone else self._new[1][t]
+            out.append(before + alone)
+            before += self.with_comma[t] if t in self.with_comma else self._new[0][t]
         return out
+
+
+def _caption_lengths(flat: list[str], sizes: np.ndarray, with_comma: dict, alone: dict) -> np.ndarray:
+    """Per caption (``sizes`` consecutive tags of ``flat`` each): its tags' tokens with their
+    commas, the last one's without."""
+    tokens = np.array(list(map(with_comma.__getitem__, flat)), dtype=np.int64)  # fromiter: twice as slow
+    ends = np.cumsum(sizes)
+    running = np.concatenate(([0], np.cumsum(tokens)))
+    out = running[ends] - running[ends - sizes]
+    last = (ends - 1)[sizes > 0]
+    out[sizes > 0] += np.array([alone[flat[i]] for i in last.tolist()], dtype=np.int64) - tokens[last]
+    return out
 
 
 def collect(shards_dir, *, max_windows: int = 3, db=None, workers: int = 1,
@@ -152,6 +175,12 @@ def collect(shards_dir, *, max_windows: int = 3, db=None, workers: int = 1,
         raise HakubooruError(f"{root / INDEX_FILE} has no samples")
     manifest = _read_json_file(root / MANIFEST_FILE) or {}
     tag_types = load_tag_types(db) if db is not None else None
+    totals = read_tag_counts(root, manifest["fingerprint"]) if manifest.get("fingerprint") else None
+    known = None
+    if totals is not None:  # every tag tokenized once, here, not in each worker
+        tokens = _TokenLengths()
+        tokens.learn(totals)
+        known = (tokens.with_comma, tokens.alone)
 
     shard = table.column("shard").combine_chunks()
     names = [str(n) for n in shard.dictionary.to_pylist()]
@@ -163,17 +192,17 @@ def collect(shards_dir, *, max_windows: int = 3, db=None, workers: int = 1,
              for rows in shard_runs(codes, offsets)]
     per_task = -(-len(tasks) // (workers * _TASKS_PER_WORKER))  # few merges, a bar that still moves
     chunks = [tasks[i:i + per_task] for i in range(0, len(tasks), per_task)]
-    stats = _Accumulator(tag_types, max_windows)
+    stats = _Accumulator(tag_types, max_windows, derive=known is not None)
     bar = tqdm(total=table.num_rows, unit="rec", disable=not progress, desc="records")
     if workers == 1 or len(chunks) == 1:
-        _init_worker(tag_types, max_windows)
+        _init_worker(tag_types, max_windows, known)
         parts = map(_scan, chunks)
         pool = None
     else:
         import multiprocessing
 
         pool = multiprocessing.get_context("spawn").Pool(min(workers, len(chunks)), _init_worker,
-                                                         (tag_types, max_windows))
+                                                         (tag_types, max_windows, known))
         parts = pool.imap(_scan, chunks)  # in order: the merged counts do not depend on it anyway
     try:
         for part in parts:
@@ -183,6 +212,8 @@ def collect(shards_dir, *, max_windows: int = 3, db=None, workers: int = 1,
         if pool is not None:
             pool.terminate()
         bar.close()
+    if totals is not None:
+        stats.derive_general(totals)
 
     width = table.column("width").to_numpy().astype(np.int64)
     height = table.column("height").to_numpy().astype(np.int64)
@@ -201,15 +232,14 @@ _TASKS_PER_WORKER = 8
 _WORKER: dict = {}
 
 
-def _init_worker(tag_types, max_windows: int) -> None:
-    _WORKER.update(tag_types=tag_types, max_windows=max_windows, tokens=None)
+def _init_worker(tag_types, max_windows: int, known) -> None:
+    tokens = _TokenLengths(*known, frozen=True) if known is not None else _TokenLengths()
+    _WORKER.update(tag_types=tag_types, max_windows=max_windows, tokens=tokens, derive=known is not None)
 
 
 def _scan(tasks) -> "_Accumulator":
     """The counts of some shards' records (in a worker process, or in this one)."""
-    if _WORKER["tokens"] is None:
-        _WORKER["tokens"] = _TokenLengths()
-    acc = _Accumulator(_WORKER["tag_types"], _WORKER["max_windows"])
+    acc = _Accumulator(_WORKER["tag_types"], _WORKER["max_windows"], _WORKER["derive"])
     for path, offsets, sizes, ids in tasks:
         try:
             fd = os.open(path, os.O_RDONLY)
@@ -235,12 +265,17 @@ def _is_caption_record(rec) -> bool:
 
 
 class _Accumulator:
-    """Counts over the records, shard by shard."""
+    """Counts over the records, shard by shard. ``derive``: the general tags are not counted
+    but derived at the end from the folder's stored tag counts, less ``counted`` (the other
+    groups' tags; every tag of a caption with a tag the stored counts lack, normalized as they
+    are, while its general tags are counted)."""
 
-    def __init__(self, tag_types, max_windows: int):
+    def __init__(self, tag_types, max_windows: int, derive: bool = False):
         self.tag_types = tag_types
         self.limit = WINDOW * max_windows
         self.max_windows = max_windows
+        self.derive = derive
+        self.counted: dict[str, int] = Counter()
         self.rating, self.year, self.quality = Counter(), Counter(), Counter()
         cats = TAG_GROUPS + ("unknown",) if tag_types is not None else ("people", _KEEP_REST, "general", "meta")
         self.tags = {c: Counter() for c in cats}
@@ -253,7 +288,7 @@ class _Accumulator:
     def merge(self, other: "_Accumulator") -> None:
         """Add another accumulator's counts to these."""
         for mine, theirs in ((self.rating, other.rating), (self.year, other.year), (self.quality, other.quality),
-                             (self.cut_tags, other.cut_tags)):
+                             (self.cut_tags, other.cut_tags), (self.counted, other.counted)):
             mine.update(theirs)
         for cat, counter in other.tags.items():
             self.tags[cat].update(counter)
@@ -263,22 +298,35 @@ class _Accumulator:
         self.cut_captions += other.cut_captions
         self.cut_tokens += other.cut_tokens
 
+    def derive_general(self, totals: dict[str, int]) -> None:
+        """Add the general tags' counts: the stored counts of every tag less ``counted``."""
+        counted = self.counted
+        self.tags["general"].update({t: n - counted[t] for t, n in totals.items() if n > counted.get(t, 0)})
+
     def add(self, records: list[dict], where: str, tokens: _TokenLengths) -> None:
         try:
-            captions = [rec["keep"] + rec["general"] + rec["quality"] + rec["year"] + rec["meta"] + rec["rating_tags"]
-                        for rec in records]
+            groups = [rec[g] for rec in records for g in CAPTION_GROUPS]
+            lengths, clean = tokens.lengths(groups, len(CAPTION_GROUPS))
             self.rating.update([rec["rating"] or "unknown" for rec in records])
             self.year.update([rec["year"][0] if rec["year"] else "none" for rec in records])
             self.quality.update([rec["quality"][0] if rec["quality"] else "none" for rec in records])
-        except (KeyError, TypeError, IndexError):
+        except (KeyError, TypeError, IndexError, ValueError):
             bad = next((r for r in records if not _is_caption_record(r)), None)
             raise HakubooruError(f"post {bad.get('id', '?') if isinstance(bad, dict) else '?'} in "
                                  f"{where}: its .json record lacks the caption groups "
                                  f"({', '.join(CAPTION_GROUPS)})") from None
         tags_of = self.tags
-        tags_of["general"].update(chain.from_iterable(rec["general"] for rec in records))
-        tags_of["meta"].update(chain.from_iterable(rec["meta"] for rec in records))
         keep = Counter(chain.from_iterable(rec["keep"] for rec in records))
+        meta = Counter(chain.from_iterable(rec["meta"] for rec in records))
+        tags_of["meta"].update(meta)
+        if self.derive and clean:  # every tag is one of the stored counts' (stripped, lower-case)
+            self.counted.update(keep)
+            self.counted.update(meta)
+            self.counted.update(chain.from_iterable(rec[g] for rec in records for g in ("quality", "year", "rating_tags")))
+        else:
+            tags_of["general"].update(chain.from_iterable(rec["general"] for rec in records))
+            if self.derive:
+                add_tags(self.counted, chain.from_iterable(groups))
         for t, n in keep.items():
             if t in _PEOPLE:
                 kind = "people"
@@ -287,17 +335,17 @@ class _Accumulator:
             else:
                 kind = self.tag_types.get(t, "unknown")
             tags_of.get(kind, tags_of.get("unknown"))[t] += n
-        lengths = tokens.lengths(captions)
         self.samples += len(lengths)
-        found = np.bincount(np.asarray(lengths, dtype=np.int64), minlength=len(self.lengths))
+        found = np.bincount(lengths, minlength=len(self.lengths))
         self.lengths = np.pad(self.lengths, (0, len(found) - len(self.lengths))) + found
-        for rec, cap, n in zip(records, captions, lengths):
-            if n > self.limit:
-                self.cut_captions += 1
-                self.cut_tokens += n - self.limit
-                groups = [g for g in CAPTION_GROUPS for _ in rec[g]]
-                # a tag is cut when its own text (not just its comma) reaches past the limit
-                self.cut_tags.update(g for g, end in zip(groups, tokens.ends(cap)) if end > self.limit)
+        for i in np.flatnonzero(lengths > self.limit).tolist():
+            rec, n = records[i], int(lengths[i])
+            self.cut_captions += 1
+            self.cut_tokens += n - self.limit
+            groups_of = [g for g in CAPTION_GROUPS for _ in rec[g]]
+            caption = [t for g in CAPTION_GROUPS for t in rec[g]]
+            # a tag is cut when its own text (not just its comma) reaches past the limit
+            self.cut_tags.update(g for g, end in zip(groups_of, tokens.ends(caption)) if end > self.limit)
 
     def result(self) -> dict:
         lengths = np.repeat(np.arange(len(self.lengths)), self.lengths)

@@ -258,3 +258,34 @@ def test_trainer_options_point_to_the_trainer_in_one_line(tmp_path):
         "error: the training buckets are the trainer's section: run python -m trainers.lokr report "
         f"--dataset {shards.dir} --config tiny --gpus 2"]
     assert not (shards.dir / "report.html").exists()
+
+
+def test_general_tags_from_the_stored_counts_by_hand(tmp_path):
+    # With tag_counts.parquet the general tags are the stored counts less the other groups'.
+    # Shard 0 (posts 1-2) holds only stored (lower-case) tags; shard 1 (post 3) holds "Cat",
+    # which the stored counts know only as "cat": that shard's general tags are counted as
+    # written. Stored: cat 3 (2 general + "Cat"), dog 1, 1girl 3, masterpiece 3, newest 3,
+    # safe 3. General on the page: cat 2, dog 1, Cat 1 — nothing else (1girl is kept, the
+    # quality, year and rating tags are in their own groups). The third count of "1girl" is
+    # shard 1's keep tag, so it is not a general tag either.
+    from hakubooru.cli import main
+    from hakubooru.tagcounts import write_tag_counts
+
+    samples = [(_record(1, ["cat", "dog"]), b"x"), (_record(2, ["cat"]), b"y"), (_record(3, ["Cat"]), b"z")]
+    folder = write_shard_folder(tmp_path / "out", samples, per_shard=2)
+    fingerprint = json.loads((folder / "manifest.json").read_text())["fingerprint"]
+    write_tag_counts(folder, {"cat": 3, "dog": 1, "1girl": 3, "masterpiece": 3, "newest": 3, "safe": 3},
+                     fingerprint)
+    assert main(["report", str(folder), "--json", str(tmp_path / "r.json"), "--html",
+                 str(tmp_path / "r.html"), "--quiet"]) == 0
+    general = json.loads((tmp_path / "r.json").read_text())["tags"]["general"]
+    assert general["top"] == [["cat", 2], ["Cat", 1], ["dog", 1]]
+    assert (general["distinct"], general["occurrences"]) == (3, 4)
+    # the general counts are the stored ones: a stored "dog" 5 shows as 5 …
+    stored = {"cat": 3, "dog": 5, "1girl": 3, "masterpiece": 3, "newest": 3, "safe": 3}
+    for fp, dogs in ((fingerprint, 5), ("another build", 1)):  # … unless they are another build's
+        write_tag_counts(folder, stored, fp)
+        assert main(["report", str(folder), "--json", str(tmp_path / "r.json"), "--html",
+                     str(tmp_path / "r.html"), "--quiet"]) == 0
+        top = json.loads((tmp_path / "r.json").read_text())["tags"]["general"]["top"]
+        assert top == sorted([["cat", 2], ["Cat", 1], ["dog", dogs]], key=lambda kv: (-kv[1], kv[0]))
