@@ -27,7 +27,7 @@ from trainers.lokr.sdxl.model import AMP_DTYPES, base_model_hash, load_base_mode
 from trainers.lokr.observe import sampling
 from trainers.lokr.data.bucketing import make_buckets
 from trainers.lokr.config import check_resume_config, config_fingerprint, config_json
-from trainers.lokr.data.batches import BatchPlan, dataset_options, make_loader
+from trainers.lokr.data.batches import BatchDataset, BatchPlan, dataset_options, make_loader
 from trainers.lokr.data.index import load_index
 from trainers.lokr.data.vae_encode import encode_latents
 from trainers.lokr.distributed import Dist, all_reduce_grads, all_reduce_sum, barrier, init_distributed, shutdown
@@ -257,7 +257,8 @@ def lokr_metadata(run: Run) -> dict:
         dataset_fingerprint=run.index.fingerprint, output_name=run.output.resolve().name,
         config_json=config_json(run.cfg),
         preset=lokr_preset(run.sdxl, run.cfg["lokr"], text_encoders=run.cfg["train"]["train_text_encoders"]),
-        cache_latents=run.latent_cache is not None)
+        cache_latents=run.latent_cache is not None,
+        captions_from=BatchDataset(run.shards, run.index, run.current_plan, **dataset_options(run.cfg)).captions_from())
 
 
 def write_lokr(run: Run, path: Path) -> Path:

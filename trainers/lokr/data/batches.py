@@ -152,6 +152,11 @@ class BatchDataset(torch.utils.data.Dataset):
         as a batch builds it: what `python -m trainers.lokr captions` prints."""
         return self.caption(row, self._read(row, image=False)[0])
 
+    def captions_from(self, row: int = 0) -> str:
+        """Where the sample at `row` gets its caption: ``"record"`` (its caption record) or
+        ``"text"`` (its `.txt`, or a webdataset ``.json`` caption string)."""
+        return "text" if isinstance(self._read(row, image=False)[0], str) else "record"
+
     def caption(self, row: int, record: dict | str) -> str:
         """This epoch's caption of the sample at `row`, from its record or its caption text."""
         if isinstance(record, str):
