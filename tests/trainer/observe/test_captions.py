@@ -42,6 +42,7 @@ def loader_captions(root, cfg, epoch: int) -> dict[int, str]:
     return seen
 
 
+@pytest.mark.slow
 def test_jsonl_is_what_the_loader_feeds(shards):
     for epoch in (0, 3):
         proc = captions_cli("--config", "tiny", "--shards", shards.dir, "--epoch", epoch, "--format", "jsonl")
