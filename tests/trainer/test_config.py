@@ -28,6 +28,7 @@ def test_epsilon_is_the_recipe():
     assert d["tag_dropout"] == 0.15 and d["max_windows"] == 3
     assert d["shuffle_tags"] is True and d["shuffle_scope"] == "general"  # the card: only general tags move
     assert t["mixed_precision"] == "fp16" and t["gradient_checkpointing"] and t["train_text_encoders"]
+    assert t["epochs"] == 1
     assert cfg["lokr"]["full_matrix"] is True
     assert cfg["model"]["pretrained"] == ""
     assert t["ddp_timeout"] == 30 * 60  # torch's default collective timeout, in seconds

@@ -37,3 +37,21 @@ def test_the_run_s_optimizer_is_the_card_s(tmp_path):
         [("text", (0.9, 0.95), 0.1), ("unet", (0.9, 0.95), 0.1)]
     assert run.base_lrs == [5e-6, 2e-5]
     assert all(p.requires_grad for g in opt.param_groups for p in g["params"])
+
+
+@pytest.mark.slow
+def test_vae_stays_fp32_under_mixed_precision(tmp_path):
+    """The card trains in FP16 mixed precision; SDXL's VAE overflows in fp16, so the run keeps it
+    in fp32 while the UNet and text encoders take the reduced type (bf16 here: fp16 needs CUDA,
+    and on the CPU it is one line saying so)."""
+    import torch
+
+    from trainers.lokr.train import setup
+
+    shards = make_test_shards(tmp_path / "shards", n=8).dir
+    run = setup(load_config("tiny", ["train.mixed_precision=bf16"]), shards, tmp_path / "run")
+    assert run.sdxl.vae.dtype == torch.float32
+    assert run.sdxl.unet.dtype == run.sdxl.text_encoder_1.dtype == torch.bfloat16
+    if not torch.cuda.is_available():
+        with pytest.raises(HakubooruError, match='train.mixed_precision = "fp16" needs a CUDA GPU'):
+            setup(load_config("tiny", ["train.mixed_precision=fp16"]), shards, tmp_path / "run16")
