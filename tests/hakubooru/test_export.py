@@ -144,6 +144,27 @@ def test_keep_separator_txt_gives_the_record_paths_captions(shards, tmp_path):
         absent = sum(tag not in c.split(", ") for c in from_text)
         assert abs(absent - 300) < 4 * sigma, (tag, absent)
 
+    # and through the trainer's own text path: the exported image + .txt as a webdataset
+    # folder of another tool (no records), indexed; the trainer reads the .txt
+    from hakubooru.wdsindex import index_webdataset
+    from trainers.lokr.config import load_config
+    from trainers.lokr.data.batches import BatchDataset, BatchPlan, dataset_options
+    from trainers.lokr.data.index import load_index
+
+    wds = tmp_path / "wds"
+    wds.mkdir()
+    folder = dest / "1_hakubooru"
+    with tarfile.open(wds / "00000.tar", "w") as tar:
+        for path in sorted(folder.iterdir()):
+            tar.add(path, arcname=path.name)
+    index_webdataset(wds, progress=False)
+    index = load_index(wds)
+    dataset = BatchDataset(wds, index, BatchPlan(index, 1, 0, 0, [(64, 64)]), epoch=7,
+                           **dataset_options(load_config("epsilon")))
+    row = int(list(index.ids).index(record["id"]))
+    assert dataset.captions_from(row) == "text"
+    assert dataset.sample_caption(row) == from_record[7]
+
 
 @pytest.mark.slow
 def test_rerun_after_a_kill_completes_with_identical_files(shards, tmp_path):

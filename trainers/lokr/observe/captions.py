@@ -56,8 +56,6 @@ def captions(shards, cfg: dict, epoch: int = 0, limit: int | None = None, progre
 def caption_examples(shards, cfg: dict, config_name: str, epochs=EXAMPLE_EPOCHS) -> dict:
     """The dataset report's section: the first sample's caption at each of ``epochs``."""
     index = load_index(shards)
-    if len(index) == 0:
-        return {"config": config_name, "id": None, "rows": []}
     rows = [[e, epoch_dataset(shards, cfg, e, index).sample_caption(0)] for e in epochs]
     return {"config": config_name, "id": int(index.ids[0]), "rows": rows,
             "shuffle_scope": cfg["data"]["shuffle_scope"], "tag_dropout": cfg["data"]["tag_dropout"]}
