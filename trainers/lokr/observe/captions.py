@@ -55,8 +55,11 @@ def captions(shards, cfg: dict, epoch: int = 0, limit: int | None = None, progre
 
 def caption_examples(shards, cfg: dict, config_name: str, epochs=EXAMPLE_EPOCHS) -> dict:
     """The dataset report's section: the first sample's caption at each of ``epochs``."""
-    index = load_index(shards)
-    rows = [[e, epoch_dataset(shards, cfg, e, index).sample_caption(0)] for e in epochs]
+    first = epoch_dataset(shards, cfg, epochs[0])
+    index = first.index
+    # a caption depends on the epoch, not on the batch plan: one plan (seconds at 5M rows) serves
+    rows = [[e, BatchDataset(first.root, index, first.plan, epoch=e, **dataset_options(cfg)).sample_caption(0)]
+            for e in epochs]
     return {"config": config_name, "id": int(index.ids[0]), "rows": rows,
             "shuffle_scope": cfg["data"]["shuffle_scope"], "tag_dropout": cfg["data"]["tag_dropout"]}
 
