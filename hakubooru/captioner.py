@@ -48,7 +48,8 @@ class Captioner:
     ``groups`` lists the record parts the caption shows, in order (parts left out are also
     emptied in the record, so a trainer rebuilding captions agrees with the text).
     ``keep_separator`` (e.g. ``"|||"``, sd-scripts' ``--keep_tokens_separator``) is written
-    between the keep group (then the first of ``groups``) and the rest. ``underscores``:
+    after the keep group and after the general tags (``groups`` then begin with keep, general):
+    ``keep SEP general SEP quality, year, meta, rating``, the card's augmentation for sd-scripts. ``underscores``:
     ``"spaces"`` (default rule) or ``"keep"`` (danbooru names as they are); None: the rules'.
     Posts with id > ``no_quality_above_id`` (None: no limit) get no quality tag and are not
     in the computed statistics. ``rules`` changes tag rules, ``sources`` adds tag sources.
@@ -78,8 +79,9 @@ class Captioner:
         self.escape_parentheses = bool(escape_parentheses)
         self.groups = _check_groups(groups)
         self.keep_separator = None if keep_separator is None else _check_str("keep_separator", keep_separator)
-        if self.keep_separator is not None and (not self.keep_separator.strip() or self.groups[0] != "keep"):
-            raise HakubooruError("keep_separator needs the keep group first in groups and a "
+        if self.keep_separator is not None and (not self.keep_separator.strip()
+                                                or self.groups[:2] != ("keep", "general")):
+            raise HakubooruError("keep_separator needs groups to begin with keep, general and a "
                                  f"visible separator; got {self.keep_separator!r}, groups {list(self.groups)}")
         self._omitted = tuple(g for g in CAPTION_GROUPS if g not in self.groups)
         # the default layout is one join over all parts, done directly (the bulk path's hot spot)
@@ -316,17 +318,21 @@ def caption_text(record: dict, *, groups: Sequence[str] = CAPTION_GROUPS, separa
                  keep_separator: str | None = None) -> str:
     """A record's caption text: the tags of ``groups`` (in that order; empty ones left out),
     ``separator`` inside a group, ``group_separator`` (default ``separator``) between groups,
-    parentheses escaped for sd-webui if asked; with ``keep_separator``, the first group
-    (keep) is followed by `` <keep_separator> `` instead, when both sides have tags."""
+    parentheses escaped for sd-webui if asked. With ``keep_separator`` (``groups`` then begin
+    with keep, general) the text is ``keep SEP general SEP rest`` — sd-scripts'
+    ``--keep_tokens_separator`` split: fixed, flexible, fixed tail — so that only the general
+    tags move (recipe §2); the first SEP is always written, the second when a tail follows."""
     parts = []
     for group in groups:
         tags = record[group]
         part = separator.join(tags)
         parts.append(_escape(part) if escape_parentheses else part)
     between = separator if group_separator is None else group_separator
+    if keep_separator is not None:
+        tail = between.join(p for p in parts[2:] if p)
+        pieces = [parts[0], keep_separator, parts[1]] + ([keep_separator, tail] if tail else [])
+        return " ".join(p for p in pieces if p)
     rest = between.join(p for p in parts[1:] if p)
-    if keep_separator is not None and parts[0] and rest:
-        return f"{parts[0]} {keep_separator} {rest}"
     return between.join(p for p in (parts[0], rest) if p)
 
 

@@ -66,8 +66,8 @@ def export_kohya(shards, dest, *, repeats: int = 1, name: str = "hakubooru", lin
     """Write the samples of the shard folder ``shards`` as ``dest/<repeats>_<name>/<stem>.<ext>``
     + ``<stem>.txt`` (stem: the sample's key, else its id), and with ``metadata_json`` the
     fine-tuning metadata JSON. ``keep_separator`` (e.g. ``"|||"``) rebuilds each caption from
-    its ``.json`` record in the build's style with that separator after the keep group, for
-    sd-scripts' ``--keep_tokens_separator``; otherwise the shards' ``.txt`` are written as they
+    its ``.json`` record in the build's style as ``keep SEP general SEP quality, year, meta,
+    rating``, for sd-scripts' ``--keep_tokens_separator`` (only the general tags move); otherwise the shards' ``.txt`` are written as they
     are. Prints the summary line; returns the counts."""
     root = shard_folder(shards)
     plan = plan_export(root, repeats=repeats, name=name, link=link, keep_separator=keep_separator)
@@ -171,9 +171,9 @@ def _check(root: Path, table, style: dict, repeats, name, link, keep_separator) 
     if pc.min(table.column("json_size")).as_py() < 0:
         raise HakubooruError(f"{root}: --keep-separator rebuilds captions from the .json "
                              "records, and some samples have none")
-    if style["groups"][0] != "keep":
-        raise HakubooruError(f"{root} was captioned without the keep group first "
-                             f"(groups {style['groups']}); --keep-separator needs it")
+    if list(style["groups"][:2]) != ["keep", "general"]:
+        raise HakubooruError(f"{root} was captioned without the keep and general groups first "
+                             f"(groups {style['groups']}); --keep-separator needs them")
 
 
 def _export_sample(tar, row: dict, image: Path, caption: str, result: ExportResult) -> None:

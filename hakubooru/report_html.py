@@ -1,7 +1,7 @@
 """The dataset report's HTML page, drawn from the numbers of :func:`hakubooru.report.collect`.
 
 Each table has an ``id`` (``rating``, ``year``, ``quality``, ``tags-<category>``,
-``tag-thresholds``, ``aspect``, ``buckets``, ``tokens``, ``cut-tags``, ``skipped``,
+``tag-thresholds``, ``aspect``, ``buckets``, ``caption-examples``, ``tokens``, ``cut-tags``, ``skipped``,
 ``provenance``) so that tests and scripts can read the numbers back from the page.
 """
 from __future__ import annotations
@@ -93,6 +93,19 @@ def _buckets(stats: dict) -> str:
     return h.section("Training buckets", summary, h.row(table, chart), id="section-buckets")
 
 
+def _captions(stats: dict) -> str:
+    c = stats.get("captions")
+    if c is None:
+        return h.section("Captions in training", h.note(
+            "The trainer adds one sample's caption in three epochs, as its data loader builds them: "
+            "python -m trainers.lokr report --dataset SHARDS --config NAME."), id="section-captions")
+    note = h.note(f"Post {c['id']} as trainer config {c['config']} feeds it (shuffle scope "
+                  f"{c.get('shuffle_scope')}, tag dropout {c.get('tag_dropout')}); every sample's: "
+                  "python -m trainers.lokr captions --config NAME --shards SHARDS --epoch E.")
+    return h.section("Captions in training", note,
+                     h.table(["epoch", "caption"], c["rows"], id="caption-examples"), id="section-captions")
+
+
 def _tokens(stats: dict) -> str:
     t = stats["tokens"]
     n = stats["samples"]
@@ -149,7 +162,7 @@ def render(stats: dict) -> str:
         h.section("Ratings", _counts(stats, "rating", "rating"), id="section-rating"),
         h.section("Year tags", _counts(stats, "year", "year"), id="section-year"),
         h.section("Quality tags", _counts(stats, "quality", "quality"), id="section-quality"),
-        _tags(stats), _images(stats), _buckets(stats), _tokens(stats), _skipped(stats),
+        _tags(stats), _images(stats), _buckets(stats), _captions(stats), _tokens(stats), _skipped(stats),
         _provenance(stats),
     ]
     return h.page(f"Dataset report: {stats['folder']}", "".join(body))

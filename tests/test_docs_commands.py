@@ -43,6 +43,17 @@ def run_lines(lines, cwd, env=None):
     return outputs
 
 
+def _records(out: Path):
+    """Every .json record of a shard folder, read with tarfile."""
+    import tarfile
+
+    for path in sorted(out.glob("shard-*.tar")):
+        with tarfile.open(path) as tar:
+            for m in tar:
+                if m.name.endswith(".json"):
+                    yield json.loads(tar.extractfile(m).read())
+
+
 def write_wds(folder: Path, n: int = 12) -> None:
     """A webdataset folder as another tool writes it: png + txt per sample."""
     folder.mkdir()
@@ -63,6 +74,20 @@ def test_docs_shards_walkthrough(tmp_path):
     images = [p for p in (tmp_path / "train" / "2_danbooru").iterdir() if p.suffix != ".txt"]
     meta = json.loads((tmp_path / "train" / "meta.json").read_text())
     assert len(meta) == len(images) > 100
+    # keep ||| general ||| quality, year, meta, rating: the tail after the second separator ends
+    # in a rating tag (recipe §2), in every caption that has one
+    texts = [p.read_text() for p in (tmp_path / "train" / "2_danbooru").glob("*.txt")]
+    tails = [t.split(" ||| ")[2] for t in texts if t.count("|||") == 2]
+    assert len(tails) > 100 and all(t.endswith(("safe", "sensitive", "nsfw", "explicit")) for t in tails)
+    # `captions`: one sample in five epochs, keep group and tail the same in each, from its record
+    rows = [line.split("\t") for line in outputs[6].stdout.splitlines()]
+    assert [int(r[1]) for r in rows] == [0, 1, 2, 3, 4] and len({r[0] for r in rows}) == 1
+    (record,) = [x for x in _records(tmp_path / "out") if x["id"] == int(rows[0][0])]
+    tail = record["quality"] + record["year"] + record["meta"] + record["rating_tags"]
+    for _, _, caption in rows:
+        tags = caption.split(", ")
+        assert tags[:len(record["keep"])] == record["keep"] and tags[len(tags) - len(tail):] == tail
+    assert len({r[2] for r in rows}) > 1
     write_wds(tmp_path / "wds")
     run_lines(foreign, tmp_path)
     assert (tmp_path / "wds" / "index.parquet").is_file()

@@ -22,8 +22,8 @@ def add_caption_arguments(parser) -> None:
     group.add_argument("--groups", default=",".join(CAPTION_GROUPS),
                        help="comma-separated groups to emit, in order (default: %(default)s)")
     group.add_argument("--keep-separator", default=None, metavar="SEP",
-                       help="write SEP (e.g. '|||', sd-scripts' --keep_tokens_separator) after "
-                            "the keep group (default: none)")
+                       help="write 'keep SEP general SEP quality, year, meta, rating' (e.g. '|||', "
+                            "sd-scripts' --keep_tokens_separator: only the general tags move; default: none)")
     group.add_argument("--underscores", choices=UNDERSCORE_RULES, default="spaces",
                        help="spaces: tag underscores become spaces except in names of 3 "
                             "characters or fewer; keep: danbooru names as they are "

@@ -21,8 +21,9 @@ def add_arguments(parser) -> None:
                         help="also write sd-scripts' fine-tuning metadata JSON (for --in_json; "
                              "default: none)")
     parser.add_argument("--keep-separator", metavar="SEP",
-                        help="rebuild captions with SEP (e.g. '|||') after the keep group, for "
-                             "sd-scripts --keep_tokens_separator (default: the .txt as built)")
+                        help="rebuild captions as 'keep SEP general SEP quality, year, meta, rating' "
+                             "(e.g. '|||'), for sd-scripts --keep_tokens_separator: only the general "
+                             "tags move (default: the .txt as built)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

@@ -57,9 +57,9 @@ def test_build_writes_captions_in_the_chosen_style(styled):
     for post_id, (txt, rec) in samples.items():
         assert rec["quality"] == rec["year"] == rec["meta"] == []  # groups not emitted
         assert set(rec["keep"] + rec["general"]) <= names[post_id]  # danbooru names, underscores kept
-        rest = ",".join(rec["general"] + rec["rating_tags"])
-        keep = ",".join(rec["keep"])
-        want = f"{keep} ||| {rest}" if keep and rest else keep or rest
+        keep, general, rating = (",".join(rec[g]) for g in ("keep", "general", "rating_tags"))
+        # keep ||| general ||| tail (here the rating alone): the first separator always
+        want = " ".join(p for p in [keep, "|||", general] + (["|||", rating] if rating else []) if p)
         assert txt == want.replace("(", "\\(").replace(")", "\\)")
         with_keep += bool(keep)
     assert with_keep > 10

@@ -139,18 +139,21 @@ def test_options_separators_groups_escaping(db):
 
 
 def test_keep_separator_and_underscore_rule(db):
-    # sd-scripts style: the keep group, then ' ||| ', then the rest (shuffled by sd-scripts)
+    # sd-scripts style: keep ||| general ||| quality, year, meta, rating — sd-scripts'
+    # keep_tokens_separator split (fixed, flexible, fixed tail): only the general tags move
     kohya = Captioner(db, quality=TABLE, keep_separator="|||")
     assert kohya.caption(1) == ("1girl, hatsune miku, vocaloid, ask (askzy) ||| solo, smile, "
-                                "long hair, ^_^, masterpiece, old, highres, safe")
-    assert kohya.caption(5) == "worst quality, old, safe"  # no keep tags: no separator
+                                "long hair, ^_^ ||| masterpiece, old, highres, safe")
+    # no keep and no general tags: both separators still, or sd-scripts would shuffle the tail
+    assert kohya.caption(5) == "||| ||| worst quality, old, safe"
     raw = Captioner(db, quality=TABLE, underscores="keep", escape_parentheses=True,
                     keep_separator="|||", groups=("keep", "general"))
     assert raw.caption(1) == "1girl, hatsune_miku, vocaloid, ask_\\(askzy\\) ||| solo, smile, long_hair, ^_^"
     assert raw.record(1)["keep"] == ["1girl", "hatsune_miku", "vocaloid", "ask_(askzy)"]
     assert raw.settings()["underscores"] == "keep" and raw.settings()["keep_separator"] == "|||"
-    with pytest.raises(HakubooruError, match="keep_separator needs the keep group first"):
-        Captioner(db, quality=TABLE, keep_separator="|||", groups=("general", "keep"))
+    for groups in (("general", "keep"), ("keep", "quality", "general"), ("keep",)):
+        with pytest.raises(HakubooruError, match="keep_separator needs groups to begin with keep, general"):
+            Captioner(db, quality=TABLE, keep_separator="|||", groups=groups)
     with pytest.raises(HakubooruError, match="underscores must be one of spaces, keep"):
         Captioner(db, quality=TABLE, underscores="dashes")
 

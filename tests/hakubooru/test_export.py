@@ -45,11 +45,16 @@ def dreambooth_params(name: str):
 
 
 def sd_scripts_split(caption: str, keep_tokens_separator: str, caption_separator: str = ","):
-    """The fixed and flexible tokens sd-scripts' shuffle_caption works on (train_util.py)."""
+    """The fixed, flexible and fixed-suffix tokens sd-scripts' shuffle_caption works on
+    (library/train_util.py, process_caption)."""
     fixed_part, flex_part = caption.split(keep_tokens_separator, 1)
+    suffix = []
+    if keep_tokens_separator in flex_part:
+        flex_part, suffix_part = flex_part.split(keep_tokens_separator, 1)
+        suffix = [t.strip() for t in suffix_part.split(caption_separator) if t.strip()]
     fixed = [t.strip() for t in fixed_part.split(caption_separator) if t.strip()]
     flex = [t.strip() for t in flex_part.split(caption_separator) if t.strip()]
-    return fixed, flex
+    return fixed, flex, suffix
 
 
 def folder_files(folder) -> dict[str, bytes]:
@@ -98,7 +103,9 @@ def test_kohya_folder_matches_the_sd_scripts_layout(shards, tmp_path):
         assert entry["image_size"] == list(Image.open(path).size)
 
 
-def test_keep_separator_puts_the_keep_group_in_front(shards, tmp_path):
+def test_keep_separator_moves_only_the_general_tags(shards, tmp_path):
+    """keep ||| general ||| quality, year, meta, rating: sd-scripts keeps the first part in front,
+    shuffles and drops the second and keeps the third at the end (recipe §2, the card's rule)."""
     dest = tmp_path / "train"
     assert hakubooru("export", shards, "--to", "kohya", dest, "--keep-separator", "|||",
                      "--quiet").returncode == 0
@@ -107,12 +114,56 @@ def test_keep_separator_puts_the_keep_group_in_front(shards, tmp_path):
     for key, members in samples.items():
         record = json.loads(members["json"])
         text = (dest / "1_hakubooru" / f"{key}.txt").read_text()
-        rest = [t for g in ("general", "quality", "year", "meta", "rating_tags") for t in record[g]]
-        if record["keep"] and rest:
-            assert text == ", ".join(record["keep"]) + " ||| " + ", ".join(rest)
-            assert sd_scripts_split(text, "|||") == (record["keep"], rest)
+        tail = [t for g in ("quality", "year", "meta", "rating_tags") for t in record[g]]
+        assert sd_scripts_split(text, "|||") == (record["keep"], record["general"], tail)
+        if record["keep"] and record["general"] and tail:
+            assert text == " ||| ".join(", ".join(p) for p in (record["keep"], record["general"], tail))
             checked += 1
     assert checked > 30
+
+
+def test_keep_separator_txt_gives_the_record_paths_captions(shards, tmp_path):
+    """A .txt exported with --keep-separator, read by the trainer's text path, gives the captions
+    the record path gives: the same tags fixed, the same general tags moved (and, per (seed,
+    epoch, id), the same draws); over 2,000 epochs each general tag is absent 15 % ± 4 sigma."""
+    from trainers.lokr.data.augment import augment_caption, augment_text
+
+    dest = tmp_path / "train"
+    assert hakubooru("export", shards, "--to", "kohya", dest, "--keep-separator", "|||",
+                     "--quiet").returncode == 0
+    samples = tar_samples(shards)
+    key = max(samples, key=lambda k: len(json.loads(samples[k]["json"])["general"]))
+    record = json.loads(samples[key]["json"])
+    text = (dest / "1_hakubooru" / f"{key}.txt").read_text()
+    assert len(record["general"]) >= 5
+    from_text = [augment_text(text, seed=0, epoch=e, sample_id=record["id"]) for e in range(2000)]
+    from_record = [augment_caption(record, seed=0, epoch=e) for e in range(2000)]
+    assert from_text == from_record
+    sigma = (2000 * 0.15 * 0.85) ** 0.5
+    for tag in record["general"]:
+        absent = sum(tag not in c.split(", ") for c in from_text)
+        assert abs(absent - 300) < 4 * sigma, (tag, absent)
+
+    # and through the trainer's own text path: the exported image + .txt as a webdataset
+    # folder of another tool (no records), indexed; the trainer reads the .txt
+    from hakubooru.wdsindex import index_webdataset
+    from trainers.lokr.config import load_config
+    from trainers.lokr.data.batches import BatchDataset, BatchPlan, dataset_options
+    from trainers.lokr.data.index import load_index
+
+    wds = tmp_path / "wds"
+    wds.mkdir()
+    folder = dest / "1_hakubooru"
+    with tarfile.open(wds / "00000.tar", "w") as tar:
+        for path in sorted(folder.iterdir()):
+            tar.add(path, arcname=path.name)
+    index_webdataset(wds, progress=False)
+    index = load_index(wds)
+    dataset = BatchDataset(wds, index, BatchPlan(index, 1, 0, 0, [(64, 64)]), epoch=7,
+                           **dataset_options(load_config("epsilon")))
+    row = int(list(index.ids).index(record["id"]))
+    assert dataset.captions_from(row) == "text"
+    assert dataset.sample_caption(row) == from_record[7]
 
 
 @pytest.mark.slow

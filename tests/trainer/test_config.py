@@ -26,7 +26,9 @@ def test_epsilon_is_the_recipe():
     assert t["min_snr_gamma"] == 5.0 and t["noise_offset"] == 0.0357
     assert (d["resolution"], d["bucket_min"], d["bucket_max"], d["bucket_step"]) == (1024, 256, 4096, 64)
     assert d["tag_dropout"] == 0.15 and d["max_windows"] == 3
+    assert d["shuffle_tags"] is True and d["shuffle_scope"] == "general"  # the card: only general tags move
     assert t["mixed_precision"] == "fp16" and t["gradient_checkpointing"] and t["train_text_encoders"]
+    assert t["epochs"] == 1
     assert cfg["lokr"]["full_matrix"] is True
     assert cfg["model"]["pretrained"] == ""
     assert t["ddp_timeout"] == 30 * 60  # torch's default collective timeout, in seconds
@@ -90,6 +92,10 @@ def test_user_toml_file_layers_on_epsilon(tmp_path):
     ("train.seed=-1", "'train.seed' must be ≥ 0 (got -1)"),
     ("train.seed=18446744073709551616", "'train.seed' must be < 2**64 (got 18446744073709551616)"),
     ("data.on_corrupt=ignore", "'data.on_corrupt' must be one of error, skip (got 'ignore')"),
+    ("data.shuffle_scope=tail", "'data.shuffle_scope' must be one of general, all (got 'tail')"),
+    # the key it replaced: one line naming the new one
+    ("data.protect_quality_year_rating=true",
+     "config key 'data.protect_quality_year_rating' was replaced by data.shuffle_scope"),
     ("train.save_every=0", "'train.save_every' must be ≥ 1 (got 0)"),
     # [sample] holds the defaults of every prompt; [[sample.prompts]] are counted from 1
     ("sample.guidance=-1", "config [sample]: 'guidance' must be a number ≥ 0.0 (got -1.0)"),
@@ -193,3 +199,14 @@ def test_resume_config_rules():
     # a changed learning rate changes the run: refused even with the flag
     with pytest.raises(HakubooruError, match=r"another config \(optimizer.lr_unet: 0.001 -> 0.002\)"):
         check_resume_config(saved, load_config("tiny", ["optimizer.lr_unet=0.002"]), True)
+
+
+def test_a_state_from_before_shuffle_scope_is_refused():
+    """A state written under data.protect_quality_year_rating moved every tag after the keep
+    group: resuming it under the card's rule would change the captions mid-run."""
+    now = load_config("tiny")
+    before = load_config("tiny")
+    del before["data"]["shuffle_scope"]
+    before["data"]["protect_quality_year_rating"] = False
+    with pytest.raises(HakubooruError, match=r"data.shuffle_scope: 'all' -> 'general'"):
+        check_resume_config(before, now, True)

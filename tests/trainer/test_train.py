@@ -155,7 +155,7 @@ def test_grad_accum_step_gradient_is_the_mean_of_the_micro_batch_gradients(shard
     dc = cfg["data"]
     dataset = BatchDataset(shards, run.index, run.plan(0), seed=0, epoch=0, random_crop=dc["random_crop"],
                            shuffle_tags=dc["shuffle_tags"], tag_dropout=dc["tag_dropout"],
-                           protect_quality_year_rating=dc["protect_quality_year_rating"])
+                           shuffle_scope=dc["shuffle_scope"])
     micro = []
     for k in range(2):
         for p in params(run):

@@ -9,6 +9,7 @@
     python -m trainers.lokr convert --lokr run/lokr.safetensors --to diffusers --out lokr-diffusers.safetensors
     python -m trainers.lokr report run/ [--html curves.html]
     python -m trainers.lokr report --dataset out/ --config epsilon --gpus 4 [--html report.html]
+    python -m trainers.lokr captions --config epsilon --shards out/ [--epoch E] [--limit N] [--format text|jsonl]
 
 Errors in the input are one line (``error: ...``, exit status 2).
 """
@@ -26,7 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m trainers.lokr", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="`python -m trainers.lokr merge --help` for merging, "
-                                            "`python -m trainers.lokr convert --help` for renaming a LoKr's modules.")
+                                            "`python -m trainers.lokr convert --help` for renaming a LoKr's modules, "
+                                            "`python -m trainers.lokr captions --help` for the captions the "
+                                            "model sees.")
     parser.add_argument("--config", default="epsilon",
                         help=f"bundled config ({', '.join(BUNDLED)}) or a TOML file (default: epsilon)")
     parser.add_argument("--shards", help="shard folder written by `python -m hakubooru build` "
@@ -74,6 +77,9 @@ def _main(argv: list) -> int:
     if argv[:1] == ["convert"]:
         from trainers.lokr.network import convert
         return convert.main(argv[1:]) or 0
+    if argv[:1] == ["captions"]:
+        from trainers.lokr.observe import captions
+        return captions.main(argv[1:]) or 0
     if argv[:1] == ["report"] and any(a == "--dataset" or a.startswith("--dataset=") for a in argv):
         from trainers.lokr.observe import dataset_report
         return dataset_report.main(argv[1:]) or 0

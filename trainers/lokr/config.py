@@ -29,8 +29,9 @@ FREE_ON_RESUME = {"data.workers", "train.ddp_timeout", "train.save_every", "trai
                   "sample.sampler", "sample.width", "sample.height", "sample.steps", "sample.guidance",
                   "sample.negative_prompt", "sample.prompts"}
 # What a state written before a key existed meant by it (the network before Kohaku XL Delta's
-# groups: no norm offsets, the new groups not wrapped).
-LEGACY_DEFAULTS = {"lokr.train_norm": False, **{f"lokr.factors.{g}": 0 for g in (
+# groups: no norm offsets, the new groups not wrapped; captions before data.shuffle_scope: every
+# tag after the keep group moved).
+LEGACY_DEFAULTS = {"lokr.train_norm": False, "data.shuffle_scope": "all", **{f"lokr.factors.{g}": 0 for g in (
     "Transformer2DModel", "Downsample2D", "Upsample2D", "conv_in_out", "embeddings")}}
 # Keys that only decide how long the run goes on: accepted on resume with --allow-config-change.
 SAFE_ON_RESUME = {"train.max_steps", "train.epochs"}
@@ -45,7 +46,11 @@ _CHOICES = {
                        "DDIMScheduler", "UniPCMultistepScheduler", "HeunDiscreteScheduler"),
     "data.latent_cache": ("auto", "off", "require"),
     "data.on_corrupt": ("error", "skip"),
+    "data.shuffle_scope": ("general", "all"),
 }
+# Keys that were replaced: refused with one line naming the new key.
+REPLACED = {"data.protect_quality_year_rating": 'data.shuffle_scope ("general": only the general tags '
+                                                 'move and drop, the card\'s rule; "all": every tag after the keep group)'}
 # (dotted key, lowest allowed value, exclusive?)
 _LOWER_BOUNDS = [
     ("data.resolution", 8, False), ("data.bucket_min", 8, False), ("data.bucket_max", 8, False),
@@ -84,6 +89,8 @@ def flatten(cfg: dict, prefix: str = "") -> dict:
 
 
 def _set(cfg: dict, dotted: str, value, schema: dict, origin: str) -> None:
+    if dotted in REPLACED:
+        raise HakubooruError(f"{origin}: config key '{dotted}' was replaced by {REPLACED[dotted]}")
     if dotted not in schema:
         close = difflib.get_close_matches(dotted, schema, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""

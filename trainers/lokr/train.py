@@ -27,7 +27,7 @@ from trainers.lokr.sdxl.model import AMP_DTYPES, base_model_hash, load_base_mode
 from trainers.lokr.observe import sampling
 from trainers.lokr.data.bucketing import make_buckets
 from trainers.lokr.config import check_resume_config, config_fingerprint, config_json
-from trainers.lokr.data.batches import BatchPlan, make_loader
+from trainers.lokr.data.batches import BatchDataset, BatchPlan, dataset_options, make_loader
 from trainers.lokr.data.index import load_index
 from trainers.lokr.data.vae_encode import encode_latents
 from trainers.lokr.distributed import Dist, all_reduce_grads, all_reduce_sum, barrier, init_distributed, shutdown
@@ -257,7 +257,8 @@ def lokr_metadata(run: Run) -> dict:
         dataset_fingerprint=run.index.fingerprint, output_name=run.output.resolve().name,
         config_json=config_json(run.cfg),
         preset=lokr_preset(run.sdxl, run.cfg["lokr"], text_encoders=run.cfg["train"]["train_text_encoders"]),
-        cache_latents=run.latent_cache is not None)
+        cache_latents=run.latent_cache is not None,
+        captions_from=BatchDataset(run.shards, run.index, run.current_plan, **dataset_options(run.cfg)).captions_from())
 
 
 def write_lokr(run: Run, path: Path) -> Path:
@@ -340,11 +341,7 @@ def _loop(run: Run) -> dict:
                 p.epoch, p.cursor = p.epoch + 1, 0
             plan = run.plan(p.epoch)
             dataset = batch_dataset(run.latent_cache)(run.shards, run.index, plan, rank=d.rank, world_size=d.world_size,
-                                   seed=tc["seed"], epoch=p.epoch, random_crop=dc["random_crop"],
-                                   shuffle_tags=dc["shuffle_tags"], tag_dropout=dc["tag_dropout"],
-                                   protect_quality_year_rating=dc["protect_quality_year_rating"],
-                                   keep_tokens=dc["keep_tokens"],
-                                   keep_separator=dc["keep_separator"] or None, on_corrupt=dc["on_corrupt"])
+                                                      epoch=p.epoch, **dataset_options(run.cfg))
             batches = iter(make_loader(dataset, start=p.cursor, workers=dc["workers"]))
             while p.step < run.total_steps and p.cursor < usable:
                 step_time = time.perf_counter()

@@ -361,6 +361,14 @@ def test_metadata_is_what_sd_scripts_writes(runs):
     assert meta["ss_total_batch_size"] == "4" and meta["ss_gradient_accumulation_steps"] == "2"
     assert meta["ss_optimizer"] == "bitsandbytes.optim.lion.Lion8bit(weight_decay=0.1,betas=(0.9, 0.95))"
     assert json.loads(meta["ss_tag_frequency"]) == {"shards": caption_tag_counts(shards)}
+    # the caption augmentation (recipe §2), as sd-scripts states it for the equivalent run: the
+    # .txt of `export --keep-separator '|||'` with --shuffle_caption --keep_tokens_separator '|||'
+    # --caption_tag_dropout_rate 0.15
+    assert (meta["ss_shuffle_caption"], meta["ss_caption_tag_dropout_rate"], meta["ss_keep_tokens"]) == \
+        ("True", "0.15", "0")
+    (subset,) = json.loads(meta["ss_datasets"])[0]["subsets"]
+    assert (subset["shuffle_caption"], subset["keep_tokens"], subset["keep_tokens_separator"]) == (True, 0, "|||")
+    assert (meta["captions_from"], meta["shuffle_scope"]) == ("record", "general")
     assert meta["modelspec.sai_model_spec"] == "1.0.1"
     assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
     assert meta["modelspec.implementation"] == "https://github.com/Stability-AI/generative-models"
@@ -538,3 +546,39 @@ def test_init_lokr_from_a_lycoris_written_file_and_refusals(tmp_path):
     with pytest.raises(HakubooruError, match="is a low-rank LoKr"):
         init_from_lokr(create_lokr(tiny_sdxl(seed=0), {"full_matrix": True, "factors": FACTORS}), sdxl,
                        tmp_path / "low.safetensors")
+
+
+def test_caption_metadata_states_the_run_s_augmentation(tmp_path):
+    """The ss_* keys sd-scripts writes for the caption augmentation (train_network.py:
+    ss_shuffle_caption, ss_keep_tokens, ss_caption_tag_dropout_rate; keep_tokens_separator in
+    ss_datasets' subsets): from records, the exported .txt's separator; from .txt captions,
+    the separator and keep count the trainer read them with."""
+    from trainers.lokr.data.batches import BatchDataset, BatchPlan, dataset_options
+    from trainers.lokr.data.index import load_index
+    from trainers.lokr.network.metadata import lokr_metadata
+
+    def meta(cfg, captions_from):
+        m = lokr_metadata(cfg, step=1, epoch=0, total_steps=1, batches_per_epoch=1, world_size=1,
+                          num_train_images=2, dataset_dir="shards", tags={}, started_at=0.0,
+                          base_model_sha256="", dataset_fingerprint="", output_name="run", config_json="{}",
+                          preset={}, captions_from=captions_from)
+        (subset,) = json.loads(m["ss_datasets"])[0]["subsets"]
+        return (m["ss_shuffle_caption"], m["ss_caption_tag_dropout_rate"], m["ss_keep_tokens"],
+                subset["keep_tokens_separator"], subset["shuffle_caption"], m["captions_from"])
+
+    epsilon = load_config("epsilon")
+    assert meta(epsilon, "record") == ("True", "0.15", "0", "|||", True, "record")
+    assert meta(epsilon, "text") == ("True", "0.15", "0", "|||", True, "text")
+    counted = load_config("epsilon", ["data.keep_tokens=3", "data.keep_separator=''",
+                                      "data.shuffle_tags=false", "data.tag_dropout=0.0"])
+    assert meta(counted, "text") == ("False", "0.0", "3", "", False, "text")
+    assert meta(counted, "record") == ("False", "0.0", "0", "|||", False, "record")
+
+    # which one a folder uses: read by the trainer's dataset, as a batch reads it
+    records = make_test_shards(tmp_path / "records", n=4).dir
+    texts = _webdataset(tmp_path / "wds", {f"{i:06d}": {"png": _png(), "txt": b"a ||| b, c"} for i in range(4)})
+    cfg = load_config("tiny")
+    for folder, want in ((records, "record"), (texts, "text")):
+        index = load_index(folder)
+        plan = BatchPlan(index, 1, 0, 0, [(64, 64)])
+        assert BatchDataset(folder, index, plan, **dataset_options(cfg)).captions_from() == want

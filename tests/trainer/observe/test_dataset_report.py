@@ -64,14 +64,16 @@ def test_the_page_is_hakubooru_s_page_plus_the_buckets(tmp_path):
     from hakubooru.report_html import render
     from hakubooru.report import collect
     from trainers.lokr.config import load_config
+    from trainers.lokr.observe.captions import caption_examples
     from trainers.lokr.observe.dataset_report import bucket_stats
 
     shards = make_test_shards(tmp_path / "out", n=12, learnable=False)
     proc = run_dataset_report(shards.dir, "--html", tmp_path / "r.html", "--config", "tiny", "--quiet")
     assert proc.returncode == 0, proc.stderr
     stats = collect(shards.dir, max_windows=load_config("tiny")["data"]["max_windows"], progress=False)
-    assert "buckets" not in stats
+    assert "buckets" not in stats and "captions" not in stats
     stats["buckets"] = bucket_stats(shards.dir, load_config("tiny"), "tiny", 1)
+    stats["captions"] = caption_examples(shards.dir, load_config("tiny"), "tiny")
     assert (tmp_path / "r.html").read_text() == render(stats)
 
 
@@ -79,3 +81,21 @@ def test_zero_gpus_is_one_error_line_before_reading(tmp_path):
     proc = run_dataset_report(tmp_path / "nope", "--gpus", "0")
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == ["error: --gpus must be ≥ 1, got 0"]
+
+
+@pytest.mark.slow
+def test_one_sample_in_three_epochs(tmp_path):
+    """The captions section: the first sample's caption at epochs 0, 1, 2 — its keep group first
+    and its quality, year, meta and rating tags last, in every one (the card's rule); the
+    general tags between them, a subset of the record's."""
+    shards = make_test_shards(tmp_path / "out", n=8, learnable=False)
+    proc = run_dataset_report(shards.dir, "--html", tmp_path / "r.html", "--config", "tiny", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    rows = Tables((tmp_path / "r.html").read_text()).tables["caption-examples"]
+    record = shards.records[int(shards.ids[0])]
+    tail = record["quality"] + record["year"] + record["meta"] + record["rating_tags"]
+    assert [r[0] for r in rows] == ["0", "1", "2"]
+    for _, caption in rows:
+        tags = caption.split(", ")
+        assert tags[:len(record["keep"])] == record["keep"] and tags[len(tags) - len(tail):] == tail
+        assert set(tags[len(record["keep"]):len(tags) - len(tail)]) <= set(record["general"])

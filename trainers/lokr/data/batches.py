@@ -97,7 +97,7 @@ class BatchDataset(torch.utils.data.Dataset):
     def __init__(self, shards_dir, index: ShardIndex, plan: BatchPlan, *, rank: int = 0,
                  world_size: int = 1, seed: int | None = None, epoch: int | None = None,
                  random_crop: bool = False, shuffle_tags: bool = True, tag_dropout: float = 0.15,
-                 protect_quality_year_rating: bool = False, separator: str = ", ",
+                 shuffle_scope: str = "general", separator: str = ", ",
                  keep_tokens: int = 0, keep_separator: str | None = "|||", on_corrupt: str = "error"):
         if on_corrupt not in ON_CORRUPT:
             raise HakubooruError(f"on_corrupt must be one of {', '.join(ON_CORRUPT)}, got {on_corrupt!r}")
@@ -115,7 +115,7 @@ class BatchDataset(torch.utils.data.Dataset):
         self.random_crop = random_crop
         self.on_corrupt = on_corrupt
         self.caption_options = dict(shuffle=shuffle_tags, drop=tag_dropout,
-                                    protect_quality_year_rating=protect_quality_year_rating,
+                                    scope=shuffle_scope,
                                     separator=separator)
         # for samples with a caption text and no caption record (webdataset folders from
         # other tools, indexed by `python -m hakubooru index`)
@@ -146,6 +146,16 @@ class BatchDataset(torch.utils.data.Dataset):
         pixels.div_(127.5).sub_(1.0)
         return {"pixel_values": pixels, "captions": captions, "time_ids": time_ids,
                 "ids": torch.from_numpy(self.index.ids[rows]), "corrupt": self.per_rank - len(rows)}
+
+    def sample_caption(self, row: int) -> str:
+        """This epoch's caption of the sample at `row`, read (hash-checked, no image) and built
+        as a batch builds it: what `python -m trainers.lokr captions` prints."""
+        return self.caption(row, self._read(row, image=False)[0])
+
+    def captions_from(self, row: int = 0) -> str:
+        """Where the sample at `row` gets its caption: ``"record"`` (its caption record) or
+        ``"text"`` (its `.txt`, or a webdataset ``.json`` caption string)."""
+        return "text" if isinstance(self._read(row, image=False)[0], str) else "record"
 
     def caption(self, row: int, record: dict | str) -> str:
         """This epoch's caption of the sample at `row`, from its record or its caption text."""
@@ -210,6 +220,15 @@ class BatchDataset(torch.utils.data.Dataset):
                                 mode="bicubic", antialias=True)
         time_ids.copy_(torch.tensor([h, w, top, left, bh, bw], dtype=torch.float32))
         return resized[0, :3, top:top + bh, left:left + bw]
+
+
+def dataset_options(cfg: dict) -> dict:
+    """The keyword arguments of BatchDataset that a trainer config sets (seed, crop, caption
+    augmentation, corrupt members): one mapping for the training loop and the `captions` command."""
+    dc = cfg["data"]
+    return dict(seed=cfg["train"]["seed"], random_crop=dc["random_crop"], shuffle_tags=dc["shuffle_tags"],
+                tag_dropout=dc["tag_dropout"], shuffle_scope=dc["shuffle_scope"], keep_tokens=dc["keep_tokens"],
+                keep_separator=dc["keep_separator"] or None, on_corrupt=dc["on_corrupt"])
 
 
 def _is_record(record) -> bool:

@@ -76,14 +76,29 @@ def preset_toml(preset: dict) -> str:
     return toml.dumps(preset)
 
 
+def caption_settings(cfg: dict, captions_from: str) -> tuple[int, str]:
+    """(keep_tokens, keep_tokens_separator) of the sd-scripts run that augments captions as this
+    run did. From `.txt` captions: the trainer's `data.keep_tokens` and `data.keep_separator`, which
+    it reads them with. From the records: the `.txt` that `export --keep-separator SEP` writes
+    (keep SEP general SEP quality, year, meta, rating) read with that separator, so 0 and
+    `data.keep_separator` (`|||` when empty)."""
+    dc = cfg["data"]
+    if captions_from == "text":
+        return dc["keep_tokens"], dc["keep_separator"]
+    return 0, dc["keep_separator"] or "|||"
+
+
 def lokr_metadata(cfg: dict, *, step: int, epoch: int, total_steps: int, batches_per_epoch: int,
                   world_size: int, num_train_images: int, dataset_dir: str, tags: dict[str, int],
                   started_at: float, base_model_sha256: str, dataset_fingerprint: str, output_name: str,
-                  config_json: str, preset: dict, cache_latents: bool = False) -> dict[str, str]:
+                  config_json: str, preset: dict, cache_latents: bool = False,
+                  captions_from: str = "record") -> dict[str, str]:
     """Every metadata string of a LoKr file written at optimizer step `step` (0-based `epoch`);
     `preset` is the network's LyCORIS preset (`network.lokr_preset`), `cache_latents` whether
-    the run read VAE latents from the latent cache."""
+    the run read VAE latents from the latent cache, `captions_from` whether its captions came
+    from the caption records ("record") or the `.txt` ("text"; caption_settings)."""
     tc, dc, oc = cfg["train"], cfg["data"], cfg["optimizer"]
+    keep_tokens, keep_separator = caption_settings(cfg, captions_from)
     pretrained = str(cfg["model"]["pretrained"])
     res = dc["resolution"]
     ss = {
@@ -128,8 +143,20 @@ def lokr_metadata(cfg: dict, *, step: int, epoch: int, total_steps: int, batches
         "ss_flip_aug": False,
         "ss_color_aug": False,
         "ss_shuffle_caption": dc["shuffle_tags"],
+        "ss_keep_tokens": keep_tokens,
         "ss_caption_dropout_rate": 0.0,
+        "ss_caption_dropout_every_n_epochs": 0,
         "ss_caption_tag_dropout_rate": dc["tag_dropout"],
+        "ss_datasets": json.dumps([{
+            "is_dreambooth": True, "batch_size_per_device": tc["batch_size"],
+            "num_train_images": num_train_images, "num_reg_images": 0, "resolution": [res, res],
+            "enable_bucket": True, "min_bucket_reso": dc["bucket_min"], "max_bucket_reso": dc["bucket_max"],
+            "subsets": [{"img_count": num_train_images, "num_repeats": 1, "color_aug": False, "flip_aug": False,
+                         "random_crop": dc["random_crop"], "shuffle_caption": dc["shuffle_tags"],
+                         "keep_tokens": keep_tokens, "keep_tokens_separator": keep_separator,
+                         "secondary_separator": None, "enable_wildcard": False, "caption_prefix": None,
+                         "caption_suffix": None, "image_dir": dataset_dir, "class_tokens": None,
+                         "is_reg": False}]}]),
         "ss_tag_frequency": json.dumps({dataset_dir: tags}, ensure_ascii=False),
         "ss_dataset_dirs": json.dumps({dataset_dir: {"n_repeats": 1, "img_count": num_train_images}}),
         "ss_sd_model_name": Path(pretrained).name,
@@ -151,7 +178,8 @@ def lokr_metadata(cfg: dict, *, step: int, epoch: int, total_steps: int, batches
         "modelspec.description": f"LyCORIS LoKr (full matrix) over SDXL 1.0 base, {step} steps, "
                                  f"{num_train_images} images",
     }
-    ours = {"step": step, "config": config_json, "base_model": pretrained, "base_model_sha256": base_model_sha256,
+    ours = {"step": step, "config": config_json, "captions_from": captions_from,
+            "shuffle_scope": dc["shuffle_scope"], "base_model": pretrained, "base_model_sha256": base_model_sha256,
             "dataset_fingerprint": dataset_fingerprint, "lokr_naming": cfg["lokr"]["naming"],
             "init_from": cfg["lokr"]["init_from"], "lycoris_preset": preset_toml(preset)}
     return {k: str(v) for k, v in {**ss, **spec, **ours}.items()}

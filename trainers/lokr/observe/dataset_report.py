@@ -1,7 +1,8 @@
 """``python -m trainers.lokr report --dataset SHARDS --config NAME [--gpus N]``: the dataset
 report of ``python -m hakubooru report`` with the trainer's section added — the samples per
 training bucket, the full global batches and the samples that sit out each epoch, by the
-trainer's own bucket assignment and batch plan, so its numbers are those a run would see.
+trainer's own bucket assignment and batch plan, so its numbers are those a run would see —
+and one sample's caption in three epochs, as the trainer's data loader builds it.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from trainers.lokr.config import BUNDLED, load_config
 from trainers.lokr.data.batches import BatchPlan
 from trainers.lokr.data.bucketing import assign_buckets, make_buckets
 from trainers.lokr.data.index import load_index
+from trainers.lokr.observe.captions import caption_examples
 
 
 def bucket_stats(root: Path, cfg: dict, config_name: str, world_size: int = 1) -> dict:
@@ -58,4 +60,5 @@ def main(argv) -> int:
         raise HakubooruError(f"--gpus must be ≥ 1, got {args.gpus}")
     cfg = load_config(args.config)
     return write_report(args, max_windows=cfg["data"]["max_windows"],
-                        sections={"buckets": lambda root: bucket_stats(root, cfg, args.config, args.gpus)})
+                        sections={"buckets": lambda root: bucket_stats(root, cfg, args.config, args.gpus),
+                                  "captions": lambda root: caption_examples(root, cfg, args.config)})
