@@ -1,0 +1,201 @@
+"""A local stand-in for the Hugging Face Hub (127.0.0.1), and tar indexes in deepghs' format.
+
+``FakeHub`` answers like the Hub for dataset repositories: ``GET /api/datasets/R/revision/V``
+(the commit and the file list), ``HEAD``/``GET /datasets/R/resolve/V/PATH`` with
+``X-Repo-Commit``, ``ETag``, ``Content-Length``, one ``Range`` -> 206 + ``Content-Range``,
+404 for a missing repository, revision or file. Faults are injected on demand: 429 (with
+``Retry-After``), 503, a cut connection, a corrupted body, Range ignored (200 with the whole
+file), a required token, a delay per request. ``tar_index`` writes a tar's index the way
+hfutils' ``tar_create_index`` does, read with the standard ``tarfile`` module.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import tarfile
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+RESOLVE = re.compile(r"^/datasets/([^/]+/[^/]+)/resolve/([^/]+)/(.+)$")
+INFO = re.compile(r"^/api/datasets/([^/]+/[^/]+)(?:/revision/([^/]+))?$")
+RANGE = re.compile(r"^bytes=(\d+)-(\d+)$")
+
+
+def tar_index(tar_path: Path) -> dict:
+    """The index JSON of one tar in the published format (hfutils tar_create_index)."""
+    data = Path(tar_path).read_bytes()
+    files = {}
+    with tarfile.open(tar_path) as tar:
+        for m in tar:
+            if m.isfile():
+                body = data[m.offset_data:m.offset_data + m.size]
+                files[m.name] = {"offset": m.offset_data, "size": m.size,
+                                 "sha256": hashlib.sha256(body).hexdigest()}
+    blob = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+    return {"filesize": len(data), "hash": blob, "hash_lfs": hashlib.sha256(data).hexdigest(),
+            "files": files}
+
+
+def archive_repos(images_dir: Path) -> tuple[dict, dict]:
+    """(data files, index files) of a local archives folder: every tar at its relative path,
+    and beside it ``.json`` for ``.tar``."""
+    images_dir = Path(images_dir)
+    data, index = {}, {}
+    for tar in sorted(images_dir.rglob("*.tar")):
+        rel = tar.relative_to(images_dir).as_posix()
+        data[rel] = tar
+        index[rel[:-4] + ".json"] = json.dumps(tar_index(tar)).encode()
+    return data, index
+
+
+class FakeHub:
+    """Dataset repositories served on 127.0.0.1; ``url`` is the HF_ENDPOINT to use."""
+
+    def __init__(self):
+        self.repos: dict[str, dict] = {}  # repo id -> {"branches": {name: sha}, "commits": {sha: files}}
+        self.token: str | None = None
+        self.ignore_range = False
+        self.delay = 0.0
+        self.retry_after = "0"
+        self.requests: list[tuple] = []  # (method, repo, path, range header, status)
+        self.sent = Counter()  # body bytes of files sent per repository
+        self._faults: list[list] = []  # [kind, times left, path suffix]
+        self._lock = threading.Lock()
+        self._server = None
+
+    def add_repo(self, repo_id: str, files: dict, branch: str = "main") -> str:
+        """Commit ``files`` ({path: bytes or Path}) to ``branch``; returns the commit sha."""
+        h = hashlib.sha1(repo_id.encode())
+        for path in sorted(files):
+            content = files[path]
+            h.update(path.encode() + b"\0" + (content if isinstance(content, bytes)
+                                               else Path(content).read_bytes()))
+        sha = h.hexdigest()
+        repo = self.repos.setdefault(repo_id, {"branches": {}, "commits": {}})
+        repo["commits"][sha] = dict(files)
+        repo["branches"][branch] = sha
+        return sha
+
+    def inject(self, kind: str, times: int = 1, suffix: str = ".tar") -> None:
+        """The next ``times`` ranged GETs of paths ending in ``suffix`` answer with ``kind``:
+        ``429``, ``503``, ``cut`` (half the body, then the connection closes), ``corrupt``
+        (one byte flipped)."""
+        with self._lock:
+            self._faults.append([kind, times, suffix])
+
+    def _take_fault(self, path: str) -> str | None:
+        with self._lock:
+            for fault in self._faults:
+                if fault[1] > 0 and path.endswith(fault[2]):
+                    fault[1] -= 1
+                    return fault[0]
+        return None
+
+    def data_requests(self, suffix: str = ".tar") -> list[tuple]:
+        """The GETs of files ending in ``suffix``."""
+        return [r for r in self.requests if r[0] == "GET" and r[2] and r[2].endswith(suffix)]
+
+    def __enter__(self):
+        hub = self
+
+        class Handler(_Handler):
+            pass
+        Handler.hub = hub
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._server.shutdown()
+        self._server.server_close()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    hub: FakeHub
+
+    def log_message(self, *args):
+        pass
+
+    def do_HEAD(self):
+        self._answer(head=True)
+
+    def do_GET(self):
+        self._answer(head=False)
+
+    def _send(self, status: int, headers: dict, body: bytes = b"", head: bool = False,
+              repo: str | None = None, path: str | None = None):
+        self.hub.requests.append((self.command, repo, path, self.headers.get("Range"), status))
+        self.send_response(status)
+        length = headers.pop("_length", len(body))
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(length))
+        self.end_headers()
+        if not head:
+            self.wfile.write(body)
+            if path is not None:  # files only, not the API's answers
+                with self.hub._lock:
+                    self.hub.sent[repo] += len(body)
+
+    def _error(self, status: int, code: str, message: str, repo=None, path=None, head=False):
+        body = json.dumps({"error": message}).encode()
+        self._send(status, {"X-Error-Code": code, "X-Error-Message": message,
+                            "Content-Type": "application/json"}, body, head, repo, path)
+
+    def _answer(self, head: bool):
+        hub = self.hub
+        if hub.delay:
+            time.sleep(hub.delay)
+        url_path = unquote(urlsplit(self.path).path)
+        m_info, m_file = INFO.match(url_path), RESOLVE.match(url_path)
+        m = m_info or m_file
+        if m is None:
+            return self._error(404, "NotFound", "no such route", head=head)
+        repo_id, rev = m.group(1), m.group(2) or "main"
+        path = m_file.group(3) if m_file else None
+        if hub.token is not None and self.headers.get("Authorization") != f"Bearer {hub.token}":
+            return self._error(401, "GatedRepo", f"Access to dataset {repo_id} is restricted.",
+                               repo_id, path, head)
+        repo = hub.repos.get(repo_id)
+        if repo is None:
+            return self._error(404, "RepoNotFound", "Repository not found", repo_id, path, head)
+        sha = repo["branches"].get(rev, rev if rev in repo["commits"] else None)
+        if sha is None:
+            return self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}", repo_id, path, head)
+        files = repo["commits"][sha]
+        if m_info:
+            body = json.dumps({"id": repo_id, "sha": sha, "private": False, "gated": False,
+                               "siblings": [{"rfilename": p} for p in sorted(files)]}).encode()
+            return self._send(200, {"Content-Type": "application/json"}, body, head, repo_id)
+        if path not in files:
+            return self._error(404, "EntryNotFound", f"{path} does not exist", repo_id, path, head)
+        content = files[path]
+        data = content if isinstance(content, bytes) else Path(content).read_bytes()
+        headers = {"X-Repo-Commit": sha, "ETag": f'"{hashlib.sha256(data).hexdigest()}"',
+                   "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
+        ranged = RANGE.match(self.headers.get("Range", ""))
+        if head or ranged is None or hub.ignore_range:
+            return self._send(200, headers, data, head, repo_id, path)
+        start, end = int(ranged.group(1)), min(int(ranged.group(2)), len(data) - 1)
+        fault = hub._take_fault(path)
+        if fault in ("429", "503"):
+            extra = {"Retry-After": hub.retry_after} if fault == "429" else {}
+            return self._send(int(fault), extra, b"slow down", False, repo_id, path)
+        body = data[start:end + 1]
+        headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
+        if fault == "corrupt":
+            body = body[:len(body) // 2] + bytes([body[len(body) // 2] ^ 0xFF]) + body[len(body) // 2 + 1:]
+        if fault == "cut":
+            headers["_length"] = len(body)
+            self.close_connection = True
+            return self._send(206, headers, body[:len(body) // 2], False, repo_id, path)
+        return self._send(206, headers, body, False, repo_id, path)
