@@ -109,6 +109,17 @@ def fetch_selection(db, selection, images: str, out, *, images_index: str | None
     source = HubSource.open(images, images_index)
     ids = np.asarray(selection.ids, np.int64)
     located = source.locate(ids, progress=progress)
+    result = fetch_located(source, ids, located, out, connections=connections, retries=retries,
+                           backoff=backoff, progress=progress)
+    result.seconds = time.perf_counter() - started
+    print(result.summary(), file=sys.stderr)
+    return result
+
+
+def fetch_located(source: HubSource, ids: np.ndarray, located, out, *,
+                  connections: int = DEFAULT_CONNECTIONS, retries: int = DEFAULT_RETRIES,
+                  backoff: float | None = None, progress: bool = True) -> FetchResult:
+    """The part of fetch_selection after the ids are located: write them into ``out``."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise HakubooruError(f"--out {out} is a file; give a folder")
@@ -147,8 +158,6 @@ def fetch_selection(db, selection, images: str, out, *, images_index: str | None
     _write_lines(out / FAILED_FILE, sorted(failed_lines, key=lambda s: int(s.split("\t")[0])))
     result.bytes, result.requests = fetcher.stats.bytes, fetcher.stats.requests
     result.retries = fetcher.stats.retries
-    result.seconds = time.perf_counter() - started
-    print(result.summary(), file=sys.stderr)
     return result
 
 

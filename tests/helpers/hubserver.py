@@ -67,6 +67,7 @@ class FakeHub:
         self._faults: list[list] = []  # [kind, times left, path suffix]
         self._lock = threading.Lock()
         self._server = None
+        self._metas: dict = {}
 
     def add_repo(self, repo_id: str, files: dict, branch: str = "main") -> str:
         """Commit ``files`` ({path: bytes or Path}) to ``branch``; returns the commit sha."""
@@ -87,6 +88,18 @@ class FakeHub:
         (one byte flipped)."""
         with self._lock:
             self._faults.append([kind, times, suffix])
+
+    def _meta(self, content) -> tuple[int, str]:
+        """(size, sha256) of a file's content, computed once."""
+        key = id(content) if isinstance(content, bytes) else str(content)
+        with self._lock:
+            meta = self._metas.get(key)
+        if meta is None:
+            data = content if isinstance(content, bytes) else Path(content).read_bytes()
+            meta = (len(data), hashlib.sha256(data).hexdigest())
+            with self._lock:
+                self._metas[key] = meta
+        return meta
 
     def _take_fault(self, path: str) -> str | None:
         with self._lock:
@@ -116,6 +129,14 @@ class FakeHub:
     def __exit__(self, *exc):
         self._server.shutdown()
         self._server.server_close()
+
+
+def _read(content, start: int, n: int) -> bytes:
+    if isinstance(content, bytes):
+        return content[start:start + n]
+    with open(content, "rb") as f:
+        f.seek(start)
+        return f.read(n)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -179,19 +200,21 @@ class _Handler(BaseHTTPRequestHandler):
         if path not in files:
             return self._error(404, "EntryNotFound", f"{path} does not exist", repo_id, path, head)
         content = files[path]
-        data = content if isinstance(content, bytes) else Path(content).read_bytes()
-        headers = {"X-Repo-Commit": sha, "ETag": f'"{hashlib.sha256(data).hexdigest()}"',
-                   "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
+        size, etag = hub._meta(content)
+        headers = {"X-Repo-Commit": sha, "ETag": f'"{etag}"', "Accept-Ranges": "bytes",
+                   "Content-Type": "application/octet-stream"}
         ranged = RANGE.match(self.headers.get("Range", ""))
         if head or ranged is None or hub.ignore_range:
-            return self._send(200, headers, data, head, repo_id, path)
-        start, end = int(ranged.group(1)), min(int(ranged.group(2)), len(data) - 1)
+            headers["_length"] = size
+            return self._send(200, headers, b"" if head else _read(content, 0, size), head,
+                              repo_id, path)
+        start, end = int(ranged.group(1)), min(int(ranged.group(2)), size - 1)
         fault = hub._take_fault(path)
         if fault in ("429", "503"):
             extra = {"Retry-After": hub.retry_after} if fault == "429" else {}
             return self._send(int(fault), extra, b"slow down", False, repo_id, path)
-        body = data[start:end + 1]
-        headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
+        body = _read(content, start, end + 1 - start)
+        headers["Content-Range"] = f"bytes {start}-{end}/{size}"
         if fault == "corrupt":
             body = body[:len(body) // 2] + bytes([body[len(body) // 2] ^ 0xFF]) + body[len(body) // 2 + 1:]
         if fault == "cut":
