@@ -114,15 +114,17 @@ def model_requests(share: float, members: int, member_mb: float, seed: int = 0) 
     return len(plan_spans(wants)) / max(1, len(chosen))
 
 
-def estimate(n: int, archive: int, tars: int, member_mb: float) -> dict:
-    """Index bytes, data bytes, requests and hours at 100 MB/s for n random images."""
+def estimate(n: int, archive: int, tars: int, member_mb: float, rtt: float, connections: int) -> dict:
+    """Index bytes, data bytes, requests, hours at 100 MB/s, and hours of round trips alone
+    (requests x rtt / connections) for n random images."""
     per_tar = archive / tars
     touched = tars * (1 - (1 - 1 / tars) ** n)  # tars holding at least one selected image
     index = touched * per_tar * entry_bytes()
     data = n * (member_mb * 1e6 + TAR_HEADER)  # at most 1.1x this: the bound on coalesced reads
     requests = n * model_requests(n / archive, int(per_tar), member_mb) + 2 * touched + 2
     return {"images": n, "index_GB": index / 1e9, "data_GB": data / 1e9, "requests": requests,
-            "hours_at_100MBps": (index + data) / 100e6 / 3600}
+            "hours_at_100MBps": (index + data) / 100e6 / 3600,
+            "hours_of_round_trips": requests * rtt / connections / 3600}
 
 
 def main() -> None:
@@ -138,8 +140,8 @@ def main() -> None:
                     help="images in the real archive, for the estimate (assumed)")
     ap.add_argument("--archive-tars", type=int, default=2000,
                     help="tars in the real archive (data-0NNN and data-1NNN)")
-    ap.add_argument("--image-mb", type=float, default=0.5,
-                    help="mean image size in the real archive, for the estimate (assumed)")
+    ap.add_argument("--image-mb", type=float, nargs="+", default=[0.5, 1.0],
+                    help="mean image sizes in the real archive, for the estimate (assumed)")
     args = ap.parse_args()
 
     work = Path(args.work)
@@ -190,14 +192,17 @@ def main() -> None:
         parent.send("stop")
         proc.join(10)
     print(f"\nestimate (assumed: {args.archive_images:,} images in {args.archive_tars} tars, "
-          f"{args.image_mb} MB per image, uniform random selection; {entry_bytes()} B of index per "
-          "member):")
-    print("| images | index GB | data GB | requests | hours at 100 MB/s |")
-    print("|---|---|---|---|---|")
-    for n in (10_000, 5_200_000):
-        e = estimate(n, args.archive_images, args.archive_tars, args.image_mb)
-        print(f"| {n:,} | {e['index_GB']:.2f} | {e['data_GB']:.0f} | {e['requests']:,.0f} | "
-              f"{e['hours_at_100MBps']:.2f} |")
+          f"uniform random selection; {entry_bytes()} B of index per member; round trips: "
+          f"{args.rtt * 1000:.0f} ms, 16 connections):")
+    print("| images | MB per image | index GB | data GB | requests | hours at 100 MB/s | "
+          "hours of round trips |")
+    print("|---|---|---|---|---|---|---|")
+    for mb in args.image_mb:
+        for n in (10_000, 5_200_000):
+            e = estimate(n, args.archive_images, args.archive_tars, mb, args.rtt, 16)
+            print(f"| {n:,} | {mb} | {e['index_GB']:.2f} | {e['data_GB']:,.1f} | "
+                  f"{e['requests']:,.0f} | {e['hours_at_100MBps']:.2f} | "
+                  f"{e['hours_of_round_trips']:.2f} |")
 
 
 if __name__ == "__main__":
