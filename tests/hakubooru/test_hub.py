@@ -403,3 +403,38 @@ def test_a_build_killed_by_sigkill_resumes_without_fetching_finished_shards(demo
     build_shards(db, images, selection, tmp_path / "local", shard_size=10, progress=False,
                  cache_dir=tmp_path / "cache")
     same_build(tmp_path / "local", out)
+
+
+@pytest.mark.slow
+def test_docs_hub_commands_run_as_written_against_the_stand_in(synth_demo, tmp_path):
+    """docs/hub.md's blocks, each line in a fresh process, HF_ENDPOINT at the stand-in serving
+    the demo database and archives under the public names."""
+    import re
+    from tests.test_docs_commands import run_lines
+
+    mark = "<!-- commands: tests/hakubooru/test_hub.py -->"
+    text = (REPO / "docs/hub.md").read_text()
+    blocks = re.findall(re.escape(mark) + r"\n```sh\n(.*?)```", text, re.S)
+    assert len(blocks) == text.count(mark) == 2
+    three, fetch = ([line for line in b.replace("\\\n", " ").splitlines() if line.strip()]
+                    for b in blocks)
+    assert len(three) == 3 and len(fetch) == 1
+    db, images = synth_demo
+    with FakeHub() as server:
+        serve_demo(server, images)
+        server.add_repo("KBlueLeaf/danbooru2023-sqlite", {"danbooru2023.db": db})
+        env = {**os.environ, "HF_ENDPOINT": server.url, "HF_HOME": str(tmp_path / "hf-home"),
+               "HF_HUB_DISABLE_UPDATE_CHECK": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+        env.pop("HF_TOKEN", None)
+        work = tmp_path / "work"
+        work.mkdir()
+        run_lines(three, work, env)
+        run_lines(fetch, work, env)
+    assert (work / "danbooru2023.db").read_bytes() == Path(db).read_bytes()
+    build_shards(db, images, work / "sel.parquet", tmp_path / "local", cache_dir=tmp_path / "c",
+                 progress=False)
+    same_build(tmp_path / "local", work / "out")
+    selected = {int(i) for i in pq.read_table(work / "sel.parquet").column("id").to_pylist()}
+    members = archive_members(images)
+    got = {int(p.stem): p.read_bytes() for p in (work / "images").glob("*.webp")}
+    assert got == {i: members[i] for i in selected if i in members}
