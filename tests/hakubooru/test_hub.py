@@ -132,6 +132,78 @@ def test_neighbours_share_a_request_only_when_the_gap_is_small():
     assert [len(s.wants) for s in plan_spans(w[:2], max_span=15_000)] == [1, 1]
 
 
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_updates_tars_come_from_the_file_list_and_override_as_on_disk(hub, tmp_path):
+    root = tmp_path / "archive"
+    write_tar(root / "original/data-0001.tar", [("./1001.jpg", b"A" * 900), ("./2001.png", b"B" * 800)])
+    write_tar(root / "original/data-0002.tar", [("./1002.jpg", b"D" * 700)])
+    write_tar(root / "updates/20240101/dataset-0.tar", [("./1001.jpg", b"C" * 600)])
+    write_tar(root / "updates/20240202/dataset-0.tar", [("./2001.png", b"E" * 500),
+                                                         ("./2001.png", b"F" * 400)])
+    data, index = archive_repos(root)
+    hub.add_repo("nyanko7/danbooru2023", data)
+    hub.add_repo("deepghs/danbooru2023_index", index)
+    from hakubooru.hub import HubSource
+    from hakubooru.hubfetch import fetch_located
+    from hakubooru.sources import ImageSource
+    source = HubSource.open("hf://datasets/nyanko7/danbooru2023")
+    ids = np.array([1001, 2001, 3001], np.int64)
+    located = source.locate(ids)
+    assert located.found.tolist() == [True, True, False]
+    # bucket 001 and both updates tars; not data-0002 (no selected id ends in 002)
+    assert sorted(p for _, _, p, _, _ in hub.data_requests(".json")) == [
+        "original/data-0001.json", "updates/20240101/dataset-0.json", "updates/20240202/dataset-0.json"]
+    result = fetch_located(source, ids, located, tmp_path / "got", progress=False)
+    assert result.fetched == 2 and result.not_in_index == 1
+    got = {p.name: p.read_bytes() for p in (tmp_path / "got").iterdir() if p.suffix != ".txt"}
+    assert got == {"1001.jpg": b"C" * 600, "2001.png": b"F" * 400}  # the last update, its last member
+    local = ImageSource.open(root, tmp_path / "cache").locate(ids)  # the same choice on disk
+    assert [Path(local.member(i).path).relative_to(root).as_posix() for i in (0, 1)] == [
+        located.member(0).path, located.member(1).path]
+
+
+def test_retry_after_is_honoured_and_backoff_doubles(hub, tmp_path):
+    tar_path = write_tar(tmp_path / "data-0001.tar", [("1001.webp", b"x" * 3000)])
+    hub.add_repo("me/data", {"data-0001.tar": tar_path})
+    entry = tar_index(tar_path)["files"]["1001.webp"]
+    want = Want(1001, "data-0001.tar", entry["offset"], entry["size"], entry["sha256"])
+
+    class Waits:
+        def __init__(self):
+            self.asked = []
+
+        def wait(self, seconds):
+            self.asked.append(seconds)
+            return False
+
+        def set(self):
+            pass
+
+        def clear(self):
+            pass
+
+        def is_set(self):
+            return False
+    hub.retry_after = "7"
+    hub.inject("429", times=1)
+    hub.inject("503", times=2)
+    fetcher = RangeFetcher(lambda p: f"{hub.url}/datasets/me/data/resolve/main/{p}",
+                           connections=1, backoff=0.5)
+    fetcher._stop = Waits()
+    assert list(fetcher.fetch(plan_spans([want]))) == [(want, b"x" * 3000)]
+    assert fetcher._stop.asked == [7.0, 1.0, 2.0]  # Retry-After, then 0.5 x 2^1, 0.5 x 2^2
+    assert fetcher.stats.retries == 3 and fetcher.stats.requests == 4
+
+
 # ---- build from hf:// ------------------------------------------------------------------
 
 def test_build_from_the_hub_gives_the_local_shards(hub, demo_all, tmp_path):
