@@ -174,7 +174,7 @@ def main() -> None:
               f"{source.index_bytes / (args.tars * args.members):.0f} B per member) in {index_s:.1f} s "
               "(cold cache)")
         base_s = baseline(folder, source, ids, located, work / "out-local")
-        print(f"| source | connections | images/s | MB/s | bytes / selected | requests / image |")
+        print("| source | connections | images/s | MB/s | bytes / selected | requests / image |")
         print("|---|---|---|---|---|---|")
         print(f"| local tars (baseline) | - | {len(ids) / base_s:.0f} | "
               f"{selected_bytes / 1e6 / base_s:.0f} | 1.000 | - |")

@@ -22,7 +22,7 @@ from hakubooru.errors import HakubooruError
 from hakubooru.hub import HubRepo, parse_index
 from hakubooru.hubfetch import FAILED_FILE, NOT_IN_INDEX_FILE, fetch_selection
 from hakubooru import rangefetch
-from hakubooru.rangefetch import TAR_HEADER, Failure, RangeFetcher, Want, plan_spans
+from hakubooru.rangefetch import TAR_HEADER, RangeFetcher, Want, plan_spans
 from tests.helpers import REPO
 from tests.helpers.archives import archive_members, folder_bytes
 from tests.helpers.hubserver import FakeHub, archive_repos, tar_index
@@ -410,9 +410,10 @@ def test_fetch_counts_failures_with_reasons_and_writes_their_ids(hub, synth_demo
     assert [line.split("\t")[:2] for line in lines] == [[str(members[0]), "http_503"]]
 
 
+@pytest.mark.slow
 def test_a_gated_repository_without_a_token_is_one_line_naming_hf_token(synth_demo, tmp_path, hf_cache):
     db, images = synth_demo
-    Selector.all().save(tmp_path / "all.parquet", open_db(db))
+    Selector.all().sample(30, seed=2).save(tmp_path / "all.parquet", open_db(db))
     with FakeHub() as server:
         serve_demo(server, images)
         server.token = "hf_secret"
@@ -425,20 +426,24 @@ def test_a_gated_repository_without_a_token_is_one_line_naming_hf_token(synth_de
         assert ok.returncode == 0, ok.stderr
 
 
-def test_unknown_repositories_and_bad_urls_are_one_line(synth_demo, tmp_path, hf_cache):
+def test_unknown_repositories_revisions_and_bad_urls_are_one_line(hub, synth_demo, tmp_path):
+    from hakubooru.hub import HubSource
     db, images = synth_demo
-    Selector.all().save(tmp_path / "all.parquet", open_db(db))
-    with FakeHub() as server:
-        serve_demo(server, images)
-        common = ["build", "--db", str(db), "--selection", "all.parquet", "--out", "o", "--quiet"]
-        for images_arg, extra, message in (
-                ("hf://datasets/someone/else", [], "no known index repository"),
-                ("hf://datasets/someone/else", ["--images-index", f"hf://datasets/{INDEX}"], "not found"),
-                (f"{HF}@v9", [], "revision not found"),
-                ("hf://datasets/x", [], "expected hf://datasets/OWNER/NAME")):
-            done = cli([*common, "--images", images_arg, *extra], server, tmp_path, hf_cache)
-            assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
-            assert message in done.stderr and "Traceback" not in done.stderr
+    serve_demo(hub, images)
+    for images_arg, index_arg, message in (
+            ("hf://datasets/someone/else", None, "no known index repository"),
+            ("hf://datasets/someone/else", f"hf://datasets/{INDEX}", "someone/else: not found"),
+            (HF, "hf://datasets/someone/index", "someone/index: not found"),
+            (f"{HF}@v9", None, "@v9: revision not found"),
+            ("hf://datasets/x", None, "expected hf://datasets/OWNER/NAME")):
+        with pytest.raises(HakubooruError, match=message):
+            HubSource.open(images_arg, index_arg)
+    with pytest.raises(HakubooruError, match="goes with --images hf://"):
+        build_shards(db, images, tmp_path / "none.parquet", tmp_path / "o",
+                     images_index=f"hf://datasets/{INDEX}")
+    with pytest.raises(HakubooruError, match="no tar of it has an index JSON"):
+        hub.add_repo("me/other", {"x/data.tar": b"x" * 512})
+        HubSource.open("hf://datasets/me/other", f"hf://datasets/{INDEX}")
 
 
 @pytest.mark.slow
