@@ -81,9 +81,12 @@ def hub_error(e: Exception, what: str) -> HakubooruError:
     if isinstance(e, (errors.RepositoryNotFoundError, errors.EntryNotFoundError)) or status == 404:
         return HakubooruError(f"{what}: not found on the Hub (check the name; a private "
                               "repository also needs HF_TOKEN)")
-    if isinstance(e, (httpx2.TransportError, OSError)):
+    if isinstance(e, (httpx2.TransportError, ConnectionError)):
         return HakubooruError(f"{what}: cannot reach the Hub ({type(e).__name__}: {e}); check the "
                               "connection or HF_ENDPOINT")
+    if isinstance(e, OSError):  # the cache: a full disk, no permission
+        return HakubooruError(f"{what}: {type(e).__name__}: {e} (the huggingface_hub cache: "
+                              "HF_HOME / HF_HUB_CACHE)")
     return HakubooruError(f"{what}: the Hub answered {status or type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''}")
 

@@ -193,12 +193,12 @@ class ShardStager:
             waiting = None
             try:
                 for k, entries in tasks:
-                    staged = ahead.submit(self._stage, shard_name(k), entries)
+                    staged = (k, ahead.submit(self._stage, shard_name(k), entries))
                     if waiting is not None:
-                        yield waiting.result()
-                    waiting = _Pair(k, staged)
+                        yield waiting[0], waiting[1].result()
+                    waiting = staged
                 if waiting is not None:
-                    yield waiting.result()
+                    yield waiting[0], waiting[1].result()
             finally:
                 self.fetcher.stop()
                 self.bar.close()
@@ -230,12 +230,3 @@ class ShardStager:
             self.dir.rmdir()
         except OSError:
             pass
-
-
-@dataclass
-class _Pair:
-    k: int
-    future: cf.Future
-
-    def result(self):
-        return self.k, self.future.result()

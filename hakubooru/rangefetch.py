@@ -16,6 +16,7 @@ import concurrent.futures as cf
 import hashlib
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 
@@ -23,7 +24,7 @@ from .errors import HakubooruError
 
 TAR_HEADER = 512
 MAX_GAP_SHARE = 0.1
-MAX_SPAN = 16 << 20  # bytes of one request (memory: connections x 2 x this, at most)
+MAX_SPAN = 4 << 20  # bytes of one coalesced request (memory: about 2 x connections x this)
 MAX_RETRY_AFTER = 300.0
 BACKOFF = 1.0  # seconds before the first retry (doubling after each) where no Retry-After says
 CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
@@ -94,7 +95,6 @@ def _retry_after(value: str | None) -> float | None:
     except ValueError:
         pass
     try:
-        import time
         return min(MAX_RETRY_AFTER, max(0.0, parsedate_to_datetime(value).timestamp() - time.time()))
     except (TypeError, ValueError):
         return None
