@@ -515,3 +515,20 @@ def test_docs_hub_commands_run_as_written_against_the_stand_in(synth_demo, tmp_p
     members = archive_members(images)
     got = {int(p.stem): p.read_bytes() for p in (work / "images").glob("*.webp")}
     assert got == {i: members[i] for i in selected if i in members}
+
+
+@pytest.mark.slow
+def test_a_ray_build_from_the_hub_gives_the_local_shards(hub, demo_all, tmp_path, monkeypatch):
+    from tests.helpers.raycluster import new_mark, ray_env, stop_marked
+    db, images, selection, local = demo_all
+    serve_demo(hub, images)
+    mark = new_mark()
+    for name, value in ray_env(mark).items():
+        monkeypatch.setenv(name, value)
+    try:
+        result = build_shards(db, HF, selection, tmp_path / "ray", shard_size=100, progress=False,
+                              ray="local", ray_tasks=2)
+    finally:
+        stop_marked(mark)
+    assert result.complete and not (tmp_path / "ray" / ".hub-staging").exists()
+    same_build(local, tmp_path / "ray")
