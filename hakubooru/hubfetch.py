@@ -149,8 +149,12 @@ def fetch_located(source: HubSource, ids: np.ndarray, located, out, *,
                 failed_lines.append(f"{want.key.stem}\t{got.reason}\t{got.detail}")
             else:
                 tmp = want.key.with_name(f".{want.key.name}.fetch.tmp")
-                tmp.write_bytes(got)
-                os.replace(tmp, want.key)
+                try:
+                    tmp.write_bytes(got)
+                    os.replace(tmp, want.key)
+                except BaseException:
+                    tmp.unlink(missing_ok=True)
+                    raise
                 result.fetched += 1
             bar.update()
     finally:

@@ -532,3 +532,26 @@ def test_a_ray_build_from_the_hub_gives_the_local_shards(hub, demo_all, tmp_path
         stop_marked(mark)
     assert result.complete and not (tmp_path / "ray" / ".hub-staging").exists()
     same_build(local, tmp_path / "ray")
+
+
+def test_ctrl_c_stops_a_fetch_in_one_line(synth_demo, tmp_path, hf_cache):
+    db, images = synth_demo
+    Selector.all().save(tmp_path / "all.parquet", open_db(db))
+    with FakeHub() as server:
+        serve_demo(server, images)
+        server.delay, server.delay_suffix = 0.2, ".tar"  # the index files come at once
+        env = {**os.environ, "PYTHONPATH": str(REPO), "HF_ENDPOINT": server.url,
+               "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_CACHE": str(hf_cache)}
+        proc = subprocess.Popen([sys.executable, "-m", "hakubooru", "fetch", "--db", str(db),
+                                 "--selection", "all.parquet", "--images", HF, "--out", "got",
+                                 "--quiet", "--connections", "4"], cwd=tmp_path, env=env,
+                                stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while len(list((tmp_path / "got").glob("*.webp"))) < 8 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    assert (proc.returncode, err) == (130, "interrupted\n"), err
+    got = list((tmp_path / "got").glob("*.webp"))
+    assert 8 <= len(got) < len(archive_members(images))  # stopped in the middle
+    assert not list((tmp_path / "got").glob(".*.tmp"))

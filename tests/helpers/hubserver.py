@@ -5,8 +5,9 @@
 ``X-Repo-Commit``, ``ETag``, ``Content-Length``, one ``Range`` -> 206 + ``Content-Range``,
 404 for a missing repository, revision or file. Faults are injected on demand: 429 (with
 ``Retry-After``), 503, a cut connection, a corrupted body, Range ignored (200 with the whole
-file), a required token, a delay per request. ``tar_index`` writes a tar's index the way
-hfutils' ``tar_create_index`` does, read with the standard ``tarfile`` module.
+file), a required token, a delay per request (of every path, or of those ending in a suffix).
+``tar_index`` writes a tar's index the way hfutils' ``tar_create_index`` does, read with the
+standard ``tarfile`` module.
 """
 from __future__ import annotations
 
@@ -61,6 +62,7 @@ class FakeHub:
         self.token: str | None = None
         self.ignore_range = False
         self.delay = 0.0
+        self.delay_suffix = ""  # only requests of paths ending so wait (default: all)
         self.retry_after = "0"
         self.requests: list[tuple] = []  # (method, repo, path, range header, status)
         self.sent = Counter()  # body bytes of files sent per repository
@@ -180,9 +182,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _answer(self, head: bool):
         hub = self.hub
-        if hub.delay:
-            time.sleep(hub.delay)
         url_path = unquote(urlsplit(self.path).path)
+        if hub.delay and url_path.endswith(hub.delay_suffix):
+            time.sleep(hub.delay)
         m_info, m_file = INFO.match(url_path), RESOLVE.match(url_path)
         m = m_info or m_file
         if m is None:
