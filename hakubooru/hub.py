@@ -218,8 +218,10 @@ class HubSource:
                 self.indexed_tars += 1
                 self.index_bytes += size
                 self.ignored_members += index.ignored
-                indexes.append(index)
-                containers.append(np.full(len(index.ids), j, np.int64))
+                keep = np.isin(index.ids, ids)  # held: the selected ids' members only, in order
+                indexes.append(MemberIndex(index.ids[keep], index.offsets[keep], index.sizes[keep],
+                                           index.exts[keep], sha256=index.sha256[keep]))
+                containers.append(np.full(int(keep.sum()), j, np.int64))
         return combine(ids, indexes, list(tars), containers)
 
 
