@@ -8,7 +8,9 @@ requests held at once: bounded memory) over huggingface_hub's HTTP session and c
 member's sha256. A 429 (after its ``Retry-After``), a 5xx, a cut connection, a short body
 or a sha256 mismatch is tried again with exponential backoff, up to ``retries`` times; past
 that the member fails with its reason. A server that answers a Range with 200 (the whole
-file) or with another range, or refuses the token, stops the run with one line.
+file) or with another range, or refuses the token, stops the run with one line. Where the
+Hub redirects a tar's resolve URL to its storage, later requests of that tar go there
+directly (without the token), and back through the Hub once that URL stops answering.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
+from urllib.parse import urlsplit
 
 from .errors import HakubooruError
 
@@ -122,6 +125,7 @@ class RangeFetcher:
         self.stats = FetchStats()
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._storage: dict[str, str] = {}  # tar path -> the URL its resolve redirected to
 
     def stop(self) -> None:
         """Make running requests give up soon (an interrupted run)."""
@@ -198,6 +202,12 @@ class RangeFetcher:
         import httpx2
 
         url = self.url_for(path)
+        with self._lock:
+            stored = self._storage.get(path)
+        if stored is not None:  # the storage URL the Hub redirected to: one round trip, not two
+            if urlsplit(stored).netloc != urlsplit(url).netloc:  # the token stays with the Hub
+                headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+            url = stored
         if self._stop.is_set():
             raise _GiveUp("stopped", "run stopped")
         want = end - start
@@ -207,6 +217,13 @@ class RangeFetcher:
             with session.stream("GET", url, headers={**headers, "Range": f"bytes={start}-{end - 1}"},
                                 follow_redirects=True, timeout=self.timeout) as r:
                 status = r.status_code
+                if stored is not None and status in (401, 403, 404, 410):
+                    with self._lock:  # its signature expired: ask the Hub again, at once
+                        self._storage.pop(path, None)
+                    raise _Retry("expired", f"{path}: storage URL answered {status}", 0.0)
+                if stored is None and r.history and status == 206:
+                    with self._lock:
+                        self._storage[path] = str(r.url)
                 if status == 200:
                     raise HakubooruError(f"{url}: the server ignored the Range request (answered 200 "
                                          "with the whole file); refusing to read members from it")

@@ -555,3 +555,35 @@ def test_ctrl_c_stops_a_fetch_in_one_line(synth_demo, tmp_path, hf_cache):
     got = list((tmp_path / "got").glob("*.webp"))
     assert 8 <= len(got) < len(archive_members(images))  # stopped in the middle
     assert not list((tmp_path / "got").glob(".*.tmp"))
+
+
+def test_redirected_tars_are_read_from_storage_without_the_token(hub, synth_demo, tmp_path,
+                                                                  monkeypatch):
+    db, images = synth_demo
+    selection = Selector.all().sample(40, seed=3).save(tmp_path / "some.parquet", open_db(db))
+    serve_demo(hub, images)
+    hub.redirect, hub.token = True, "hf_secret"
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    members = archive_members(images)
+    chosen = {int(i) for i in selection.ids} & set(members)
+    result = fetch_selection(db, tmp_path / "some.parquet", HF, tmp_path / "got", progress=False)
+    got = {int(p.stem): p.read_bytes() for p in (tmp_path / "got").glob("*.webp")}
+    assert got == {i: members[i] for i in chosen} and result.requests == len(hub.storage_requests)
+    assert {r[2] for r in hub.storage_requests} == {206}
+    assert not any(r[3] for r in hub.storage_requests)  # the token stays with the Hub
+
+
+def test_an_expired_storage_url_is_resolved_again(hub, tmp_path):
+    tar_path = write_tar(tmp_path / "data-0001.tar", [("1001.webp", b"a" * 5000), ("2001.webp", b"b" * 9000)])
+    hub.add_repo("me/data", {"data-0001.tar": tar_path})
+    hub.redirect = True
+    files = tar_index(tar_path)["files"]
+    wants = [Want(name, "data-0001.tar", e["offset"], e["size"], e["sha256"]) for name, e in files.items()]
+    fetcher = RangeFetcher(lambda p: f"{hub.url}/datasets/me/data/resolve/main/{p}", connections=1)
+    assert [d for _, d in fetcher.fetch(plan_spans(wants[:1]))] == [b"a" * 5000]
+    assert [d for _, d in fetcher.fetch(plan_spans(wants[:1]))] == [b"a" * 5000]  # straight to storage
+    hub.generation += 1  # the signed URL expires
+    assert [d for _, d in fetcher.fetch(plan_spans(wants[1:]))] == [b"b" * 9000]
+    assert [r[2] for r in hub.storage_requests] == [206, 206, 403, 206]
+    resolves = [r for r in hub.requests if r[2] == "data-0001.tar" and r[4] == 302]
+    assert len(resolves) == 2

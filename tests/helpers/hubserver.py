@@ -25,6 +25,7 @@ from urllib.parse import unquote, urlsplit
 RESOLVE = re.compile(r"^/datasets/([^/]+/[^/]+)/resolve/([^/]+)/(.+)$")
 INFO = re.compile(r"^/api/datasets/([^/]+/[^/]+)(?:/revision/([^/]+))?$")
 RANGE = re.compile(r"^bytes=(\d+)-(\d+)$")
+STORAGE = re.compile(r"^/storage/(\d+)/([^/]+/[^/]+)/([0-9a-f]+)/(.+)$")
 
 
 def tar_index(tar_path: Path) -> dict:
@@ -64,6 +65,9 @@ class FakeHub:
         self.delay = 0.0
         self.delay_suffix = ""  # only requests of paths ending so wait (default: all)
         self.retry_after = "0"
+        self.redirect = False  # tars: resolve answers 302 to a storage URL (another port)
+        self.generation = 0  # storage URLs of older generations answer 403 (expired)
+        self.storage_requests: list[tuple] = []  # (path, range header, status, had a token)
         self.requests: list[tuple] = []  # (method, repo, path, range header, status)
         self.sent = Counter()  # body bytes of files sent per repository
         self._faults: list[list] = []  # [kind, times left, path suffix]
@@ -121,16 +125,17 @@ class FakeHub:
         class Handler(_Handler):
             pass
         Handler.hub = hub
-        self._server = _QuietServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
+        self._servers = [_QuietServer(("127.0.0.1", 0), Handler) for _ in range(2)]
+        self.url, self.storage_url = (f"http://127.0.0.1:{s.server_address[1]}" for s in self._servers)
+        for server in self._servers:
+            server.daemon_threads = True
+            threading.Thread(target=server.serve_forever, daemon=True).start()
         return self
 
     def __exit__(self, *exc):
-        self._server.shutdown()
-        self._server.server_close()
+        for server in self._servers:
+            server.shutdown()
+            server.server_close()
 
 
 class _QuietServer(ThreadingHTTPServer):
@@ -185,6 +190,9 @@ class _Handler(BaseHTTPRequestHandler):
         url_path = unquote(urlsplit(self.path).path)
         if hub.delay and url_path.endswith(hub.delay_suffix):
             time.sleep(hub.delay)
+        m_store = STORAGE.match(url_path)
+        if m_store:
+            return self._storage(m_store, head)
         m_info, m_file = INFO.match(url_path), RESOLVE.match(url_path)
         m = m_info or m_file
         if m is None:
@@ -207,7 +215,25 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(200, {"Content-Type": "application/json"}, body, head, repo_id)
         if path not in files:
             return self._error(404, "EntryNotFound", f"{path} does not exist", repo_id, path, head)
-        content = files[path]
+        if hub.redirect and path.endswith(".tar"):
+            location = f"{hub.storage_url}/storage/{hub.generation}/{repo_id}/{sha}/{path}"
+            return self._send(302, {"Location": location, "X-Repo-Commit": sha}, b"", head,
+                              repo_id, path)
+        return self._file(files[path], sha, head, repo_id, path)
+
+    def _storage(self, m, head: bool):
+        hub = self.hub
+        generation, repo_id, sha, path = int(m.group(1)), m.group(2), m.group(3), m.group(4)
+        files = hub.repos.get(repo_id, {}).get("commits", {}).get(sha, {})
+        ok = generation == hub.generation and path in files
+        hub.storage_requests.append((path, self.headers.get("Range"), 206 if ok else 403,
+                                     "Authorization" in self.headers))
+        if not ok:
+            return self._send(403, {}, b"Request has expired", head, repo_id, path)
+        return self._file(files[path], sha, head, repo_id, path)
+
+    def _file(self, content, sha: str, head: bool, repo_id: str, path: str):
+        hub = self.hub
         size, etag = hub._meta(content)
         headers = {"X-Repo-Commit": sha, "ETag": f'"{etag}"', "Accept-Ranges": "bytes",
                    "Content-Type": "application/octet-stream"}
