@@ -27,9 +27,9 @@ from . import manifest as mf
 from .buildlock import BuildLock, remove_temporaries
 from .captioner import Captioner
 from .db import fingerprint, open_db
+from .errors import HakubooruError
 from .hub import HubSource, is_hub
 from .hubfetch import ShardStager
-from .errors import HakubooruError
 from .images import IMAGE_EXTS, OWN_FORMAT, BadImage, ImagePolicy, prepare
 from .procs import die_with_parent
 from .raybuild import DEFAULT_RETRIES, RayOptions, RayShards, import_ray

@@ -213,15 +213,19 @@ class ShardStager:
         path = self._path(name)
         self.dir.mkdir(exist_ok=True)  # another part may have removed it
         got = {}
-        with open(path, "wb") as f:
-            for want, data in self.fetcher.fetch(plan_spans(wants)):
-                if isinstance(data, Failure):
-                    got[want.key] = Unavailable("fetch_failed", f"{data.reason}: {data.detail}")
-                else:
-                    got[want.key] = Member(str(path), f.tell(), len(data), entries[want.key][3].ext,
-                                           want.sha256)
-                    f.write(data)
-                self.bar.update()
+        try:
+            with open(path, "wb") as f:
+                for want, data in self.fetcher.fetch(plan_spans(wants)):
+                    if isinstance(data, Failure):
+                        got[want.key] = Unavailable("fetch_failed", f"{data.reason}: {data.detail}")
+                    else:
+                        got[want.key] = Member(str(path), f.tell(), len(data),
+                                               entries[want.key][3].ext, want.sha256)
+                        f.write(data)
+                    self.bar.update()
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
         return [(i, c, r, got.get(j, m)) for j, (i, c, r, m) in enumerate(entries)]
 
     def done(self, name: str) -> None:

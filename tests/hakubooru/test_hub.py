@@ -357,7 +357,7 @@ def test_a_server_ignoring_range_is_refused_before_any_shard(hub, demo_all, tmp_
     out = tmp_path / "norange"
     with pytest.raises(HakubooruError, match="ignored the Range request"):
         build_shards(db, HF, selection, out, shard_size=100, progress=False)
-    assert not list(out.glob("shard-*.tar"))
+    assert not list(out.glob("shard-*.tar")) and not (out / ".hub-staging").exists()
 
 
 # ---- the fetch command and the CLI (fresh processes, HF_ENDPOINT set) -------------------
