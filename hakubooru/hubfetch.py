@@ -194,17 +194,20 @@ class ShardStager:
         the staging file, and each one given up on as ``Unavailable("fetch_failed", ...)``;
         the next shard is fetched while the caller writes this one."""
         with cf.ThreadPoolExecutor(1, thread_name_prefix="stager") as ahead:
-            waiting = None
+            waiting = None  # (k, future) fetched or being fetched, not handed over yet
             try:
                 for k, entries in tasks:
-                    staged = (k, ahead.submit(self._stage, shard_name(k), entries))
-                    if waiting is not None:
-                        yield waiting[0], waiting[1].result()
-                    waiting = staged
+                    previous, waiting = waiting, (k, ahead.submit(self._stage, shard_name(k), entries))
+                    if previous is not None:
+                        yield previous[0], previous[1].result()
                 if waiting is not None:
-                    yield waiting[0], waiting[1].result()
+                    last, waiting = waiting, None
+                    yield last[0], last[1].result()
             finally:
                 self.fetcher.stop()
+                if waiting is not None:  # a stopped build: the shard fetched ahead is not built
+                    cf.wait([waiting[1]])
+                    self.done(shard_name(waiting[0]))
                 self.bar.close()
 
     def _stage(self, name: str, entries: list) -> list:
