@@ -15,6 +15,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import re
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,6 +31,7 @@ KNOWN_INDEXES = {
     "nyanko7/danbooru2023": "deepghs/danbooru2023_index",
 }
 INDEX_DOWNLOADS = 16  # index files downloaded at once
+INDEX_RETRIES = 5  # tries again of an index file after a 429, a 5xx or a cut connection
 
 
 def is_hub(images) -> bool:
@@ -196,11 +198,26 @@ class HubSource:
         return out
 
     def _load_index(self, tar: str) -> tuple[MemberIndex, int]:
-        from huggingface_hub import hf_hub_download
+        import httpx2
+        from huggingface_hub import errors, hf_hub_download
+
+        from . import rangefetch
         name = tar[:-len(".tar")] + ".json"
         what = f"{self.index}: {name}"
-        local = _hub_call(what, hf_hub_download, self.index.repo_id, name, repo_type="dataset",
-                          revision=self.index.revision, endpoint=self.endpoint)
+        for attempt in range(INDEX_RETRIES + 1):
+            try:
+                local = hf_hub_download(self.index.repo_id, name, repo_type="dataset",
+                                        revision=self.index.revision, endpoint=self.endpoint)
+                break
+            except (errors.HfHubHTTPError, httpx2.HTTPError, OSError) as e:
+                response = getattr(e, "response", None)
+                status = getattr(response, "status_code", None)
+                transient = status == 429 or (status or 0) >= 500 or isinstance(e, httpx2.TransportError)
+                if attempt == INDEX_RETRIES or not transient:
+                    raise hub_error(e, what) from None
+                wait = (rangefetch.retry_after(response.headers.get("Retry-After"))
+                        if response is not None else None)
+                time.sleep(rangefetch.BACKOFF * 2 ** attempt if wait is None else wait)
         with open(local, "rb") as f:
             data = f.read()
         return parse_index(data, what), len(data)

@@ -90,7 +90,8 @@ class _GiveUp(Exception):
         self.reason, self.detail = reason, detail
 
 
-def _retry_after(value: str | None) -> float | None:
+def retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (seconds or an HTTP date; capped), or None."""
     if not value:
         return None
     try:
@@ -237,7 +238,7 @@ class RangeFetcher:
                     raise _GiveUp("not_found", f"{path}: 404 at the recorded commit")
                 if status == 429 or status >= 500:
                     raise _Retry(f"http_{status}", f"{path}: HTTP {status}",
-                                 _retry_after(r.headers.get("Retry-After")))
+                                 retry_after(r.headers.get("Retry-After")))
                 if status != 206:
                     raise _GiveUp(f"http_{status}", f"{path}: HTTP {status}")
                 m = CONTENT_RANGE.match(r.headers.get("Content-Range", ""))

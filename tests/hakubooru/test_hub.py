@@ -587,3 +587,19 @@ def test_an_expired_storage_url_is_resolved_again(hub, tmp_path):
     assert [r[2] for r in hub.storage_requests] == [206, 206, 403, 206]
     resolves = [r for r in hub.requests if r[2] == "data-0001.tar" and r[4] == 302]
     assert len(resolves) == 2
+
+
+@pytest.mark.parametrize("kind", ["429", "503"])
+def test_index_downloads_are_retried_after_429_and_5xx(hub, tmp_path, monkeypatch, kind):
+    from huggingface_hub import constants
+    from hakubooru.hub import HubSource
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "own-cache"))
+    tar_path = write_tar(tmp_path / "data-0001.tar", [("1001.webp", b"a" * 700)])
+    data, index = archive_repos(tmp_path)
+    hub.add_repo("me/data", data)
+    hub.add_repo("me/index", index)
+    hub.inject(kind, times=1, suffix=".json")
+    located = HubSource.open("hf://datasets/me/data", "hf://datasets/me/index").locate(np.array([1001]))
+    assert located.found.tolist() == [True] and int(located.sizes[0]) == 700
+    assert [s for m, _, p, _, s in hub.requests if p == "data-0001.json"].count(int(kind)) == 1
+    assert tar_path.is_file()

@@ -89,9 +89,10 @@ class FakeHub:
         return sha
 
     def inject(self, kind: str, times: int = 1, suffix: str = ".tar") -> None:
-        """The next ``times`` ranged GETs of paths ending in ``suffix`` answer with ``kind``:
-        ``429``, ``503``, ``cut`` (half the body, then the connection closes), ``corrupt``
-        (one byte flipped)."""
+        """The next ``times`` requests of files ending in ``suffix`` answer with ``kind``:
+        ``429``, ``503`` (any GET or HEAD), ``cut`` (half the body, then the connection
+        closes), ``corrupt`` (one byte flipped) (ranged GETs; a fault taken by another request
+        is spent)."""
         with self._lock:
             self._faults.append([kind, times, suffix])
 
@@ -237,16 +238,16 @@ class _Handler(BaseHTTPRequestHandler):
         size, etag = hub._meta(content)
         headers = {"X-Repo-Commit": sha, "ETag": f'"{etag}"', "Accept-Ranges": "bytes",
                    "Content-Type": "application/octet-stream"}
+        fault = hub._take_fault(path)
+        if fault in ("429", "503"):
+            extra = {"Retry-After": hub.retry_after} if fault == "429" else {}
+            return self._send(int(fault), extra, b"slow down", head, repo_id, path)
         ranged = RANGE.match(self.headers.get("Range", ""))
         if head or ranged is None or hub.ignore_range:
             headers["_length"] = size
             return self._send(200, headers, b"" if head else _read(content, 0, size), head,
                               repo_id, path)
         start, end = int(ranged.group(1)), min(int(ranged.group(2)), size - 1)
-        fault = hub._take_fault(path)
-        if fault in ("429", "503"):
-            extra = {"Retry-After": hub.retry_after} if fault == "429" else {}
-            return self._send(int(fault), extra, b"slow down", False, repo_id, path)
         body = _read(content, start, end + 1 - start)
         headers["Content-Range"] = f"bytes {start}-{end}/{size}"
         if fault == "corrupt":
