@@ -51,7 +51,8 @@ def _main(argv) -> int:
                                         "`python -m hakubooru build --help`; e.g. --format webp "
                                         "for the nyanko7 archives (mixed jpg/png).")
     ap.add_argument("--db", help="danbooru2023.db (default: the demo database, created if absent)")
-    ap.add_argument("--images", help="image archives folder (default: the demo archives)")
+    ap.add_argument("--images", help="image archives folder, or hf://datasets/OWNER/NAME[@REVISION] "
+                                     "(docs/hub.md) (default: the demo archives)")
     ap.add_argument("--workdir", default="demo", help="where the demo data and the selection go")
     ap.add_argument("--out", default="out", help="output folder for the shards (default: %(default)s)")
     ap.add_argument("--seed", type=int, default=SEED, help="sampling seed (default: %(default)s)")

@@ -28,12 +28,14 @@ from .buildlock import BuildLock, remove_temporaries
 from .captioner import Captioner
 from .db import fingerprint, open_db
 from .errors import HakubooruError
+from .hub import HubSource, is_hub
+from .hubfetch import ShardStager
 from .images import IMAGE_EXTS, OWN_FORMAT, BadImage, ImagePolicy, prepare
 from .procs import die_with_parent
 from .raybuild import DEFAULT_RETRIES, RayOptions, RayShards, import_ray
 from .selector import Selection, load_selection
 from .shardwriter import CHECKSUM, ShardWriter, member_hash
-from .sources import ImageSource, MemberReader
+from .sources import ImageSource, MemberReader, Unavailable
 from .tagcounts import add_tags, merge_counts, record_tags, write_tag_counts
 
 ROW_COLUMNS = ("id", "image_offset", "image_size", "txt_offset", "txt_size",
@@ -116,6 +118,9 @@ def _write_shard(out: str, k: int, entries: list, policy: ImagePolicy) -> tuple[
     try:
         with MemberReader() as reader:
             for post_id, caption, record, member in entries:
+                if isinstance(member, Unavailable):
+                    skipped.append([post_id, member.reason, member.detail])
+                    continue
                 if member is None or record is None:
                     skipped.append([post_id, "missing" if member is None else "no_record", ""])
                     continue
@@ -193,7 +198,8 @@ def build_shards(db, images, selection, out, *, captioner=None, caption_options=
                  quality: int = 90, max_pixels: int | None = None,
                  validate: str = "standard", cache_dir=None, progress: bool = True,
                  ray: str | None = None, ray_retries: int = DEFAULT_RETRIES,
-                 ray_tasks: int | None = None) -> BuildResult:
+                 ray_tasks: int | None = None, images_index: str | None = None,
+                 connections: int = 16, fetch_retries: int = 5) -> BuildResult:
     """Build (or resume) the shard folder ``out`` from ``selection`` (a Selection or its
     Parquet path), ``db`` (path or open_db handle) and the archives under ``images``.
 
@@ -208,6 +214,11 @@ def build_shards(db, images, selection, out, *, captioner=None, caption_options=
     a Ray started in this process; ``"auto"``, ``"host:port"``, ``"ray://host:port"``), each
     task run again up to ``ray_retries`` times if its worker dies, at most ``ray_tasks`` at once
     (default: the cluster's CPUs); same bytes (hakubooru.raybuild).
+    ``images`` may be ``hf://datasets/OWNER/NAME[@REVISION]`` (hakubooru.hub; ``images_index``
+    names its index repository where it is not a known one): each pending shard's images are
+    fetched by Range reads on ``connections`` connections, verified, and give the same bytes
+    (a failed read is tried ``fetch_retries`` more times, then the image is skipped as
+    ``fetch_failed``).
     """
     started = time.perf_counter()
     if shard_size < 1 or workers < 1:
@@ -217,7 +228,8 @@ def build_shards(db, images, selection, out, *, captioner=None, caption_options=
     if ray_options is not None:
         import_ray()  # refused before anything is written
     policy = ImagePolicy(image_format, quality, max_pixels, validate)
-    source = ImageSource.open(images, cache_dir)
+    out = Path(out)
+    source = _open_source(images, images_index, cache_dir, out)
     db = open_db(db) if isinstance(db, (str, Path)) else db
     if not isinstance(selection, Selection):
         selection = load_selection(selection)
@@ -225,7 +237,6 @@ def build_shards(db, images, selection, out, *, captioner=None, caption_options=
     if captioner is not None and caption_options:
         raise HakubooruError("pass either a captioner or caption_options, not both")
     captioner = captioner if captioner is not None else Captioner(db, **(caption_options or {}))
-    out = Path(out)
 
     ids = np.asarray(selection.ids, np.int64)
     if np.any(np.diff(ids) <= 0):  # Selection sorts them; shard assignment relies on it
@@ -244,6 +255,8 @@ def build_shards(db, images, selection, out, *, captioner=None, caption_options=
         "shard_size": shard_size,
         "shard_count": shard_count,
     }
+    if isinstance(source, HubSource):
+        plan["images_source"] = source.describe()  # the commits: a resumed build reads the same files
     mf.check_or_write_plan(out, plan)
     with BuildLock(out) as lock:
         blocks = [range(k * shard_size, min(len(ids), (k + 1) * shard_size))
@@ -269,6 +282,11 @@ def build_shards(db, images, selection, out, *, captioner=None, caption_options=
         rows = rows.astype(np.int64)
         captions = iter(captioner.captions(ids[rows[located.found[rows]]]))
         tasks = _shard_entries(pending, blocks, ids, located, captions)
+        stager = None
+        if isinstance(source, HubSource) and pending:
+            stager = ShardStager(source, out, [mf.shard_name(k) for k in mine], connections,
+                                 fetch_retries, progress=progress, total=int(located.found[rows].sum()))
+            tasks = stager.stage(tasks, mf.shard_name)
         size = 0
         on_ray = RayShards(ray_options, plan, _build_shard) if ray_options and pending else None
         with on_ray or contextlib.nullcontext():  # a Ray connection, or none
@@ -280,12 +298,17 @@ def build_shards(db, images, selection, out, *, captioner=None, caption_options=
                 for sidecar in shards:
                     _count(result, sidecar)
                     result.shards_built += 1
+                    if stager is not None:
+                        stager.done(sidecar["name"])
                     size += sidecar["size"]
                     bar.update(sidecar["samples"] + len(sidecar["skipped"]))
                     bar.set_postfix(written=result.written, skipped=sum(result.skipped.values()),
                                     size=f"{size / 2**20:.1f} MiB")
             finally:
                 shards.close()  # a stopped build cancels what is still running (Ray: before shutdown)
+                if stager is not None:
+                    tasks.close()  # stops the fetching of the next shard
+                    stager.close()
                 bar.close()
         result.ray_retries = on_ray.retries if on_ray else 0
         with lock.shared_files():
@@ -293,6 +316,17 @@ def build_shards(db, images, selection, out, *, captioner=None, caption_options=
     result.seconds = time.perf_counter() - started
     print(result.summary(), file=sys.stderr)  # even when progress bars are off
     return result
+
+
+def _open_source(images, images_index, cache_dir, out: Path):
+    """The local ImageSource, or for ``hf://`` the HubSource (at the commits a resumed build
+    recorded, where no revision is given)."""
+    if not is_hub(images):
+        if images_index is not None:
+            raise HakubooruError("--images-index goes with --images hf://datasets/...")
+        return ImageSource.open(images, cache_dir)
+    plan = mf.read_json(out / mf.PLAN_FILE) if (out / mf.PLAN_FILE).is_file() else None
+    return HubSource.open(images, images_index, pinned=(plan or {}).get("images_source"))
 
 
 def _count(result: BuildResult, sidecar: dict) -> None:

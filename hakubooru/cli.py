@@ -15,6 +15,7 @@ COMMANDS = {
     "select": "choose posts with a Selector expression and save their ids (selection.parquet)",
     "caption": "caption a selection into a Parquet table (to inspect or reuse the captions)",
     "build": "build captioned webdataset shards from a selection and the image archives",
+    "fetch": "download only the selected images from the Hub's archives into an <id>.<ext> folder",
     "export": "write a shard folder as kohya-ss/sd-scripts training folders (.txt captions)",
     "index": "index a webdataset folder from another tool so the LoKr trainer can read it",
     "report": "write an HTML report about a built shard folder (what is in it, buckets, caption lengths)",

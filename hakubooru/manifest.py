@@ -202,7 +202,9 @@ def assemble(out: Path, plan: dict, before_manifest=None) -> dict | None:
         "files": {"index": INDEX_FILE, "skipped": SKIPPED_FILE, "card": CARD_FILE},
     }
     # identifies the dataset's content (trainers check resumed states against it)
-    manifest["fingerprint"] = "xxh3_128:" + xxhash.xxh3_128(dump_json(manifest)).hexdigest()
+    # where the images came from (hf:// commits) is not content: the same shards, the same print
+    content = {k: v for k, v in manifest.items() if k != "images_source"}
+    manifest["fingerprint"] = "xxh3_128:" + xxhash.xxh3_128(dump_json(content)).hexdigest()
     image_ext = columns["ext"][0] if columns["ext"] else "webp"  # no sample: any image column
     write_atomic(out / CARD_FILE, dataset_card(manifest, image_ext))  # a function of the manifest
     if before_manifest is not None:

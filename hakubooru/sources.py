@@ -36,6 +36,19 @@ CACHE_ENV = "HAKUBOORU_TARINDEX_CACHE"
 INDEX_VERSION = 2
 
 
+def container_order(relpath: str) -> tuple | None:
+    """The sort key of a tar at ``relpath`` (relative to the images folder, ``/``-separated) in
+    the override order of the module doc; None for a tar that is not read (other folders)."""
+    parts = relpath.split("/")
+    if len(parts) == 1:
+        return (0, "", parts[0])
+    if len(parts) == 2 and parts[0] in BASE_FOLDERS:
+        return (1 + BASE_FOLDERS.index(parts[0]), "", parts[1])
+    if len(parts) == 3 and parts[0] == "updates":
+        return (1 + len(BASE_FOLDERS), parts[1], parts[2])
+    return None
+
+
 def default_cache_dir() -> Path:
     """Where tar indexes are cached: $HAKUBOORU_TARINDEX_CACHE, else
     $XDG_CACHE_HOME/hakubooru/tarindex, else ~/.cache/hakubooru/tarindex."""
@@ -55,6 +68,7 @@ class MemberIndex:
     exts: np.ndarray
     ignored: int = 0  # members whose name is not <id>.<ext> (id of 1-18 digits), and folders
     cut_short: bool = False  # the tar ends in the middle of a member
+    sha256: np.ndarray | None = None  # hex digests ("U64"), where an index gives them (Hub)
 
 
 def _scan_tar(path: Path) -> MemberIndex:
@@ -137,6 +151,16 @@ class Member:
     offset: int
     size: int
     ext: str
+    sha256: str | None = None  # the member's expected sha256 (hex), where an index gives it
+
+
+@dataclass(frozen=True)
+class Unavailable:
+    """An image that an index lists but that could not be had (a fetch that failed past its
+    retries): the shard skips it with this reason and detail."""
+
+    reason: str
+    detail: str
 
 
 @dataclass
@@ -150,13 +174,37 @@ class Located:
     offsets: np.ndarray
     sizes: np.ndarray
     exts: np.ndarray
+    sha256: np.ndarray | None = None
 
     def member(self, i: int) -> Member | None:
         """Where ids[i]'s image lies, or None if no archive has it."""
         if not self.found[i]:
             return None
         return Member(self.paths[self.where[i]], int(self.offsets[i]), int(self.sizes[i]),
-                      str(self.exts[i]))
+                      str(self.exts[i]), None if self.sha256 is None else str(self.sha256[i]))
+
+
+def combine(ids: np.ndarray, indexes: list[MemberIndex], paths: list[str],
+            containers: list[np.ndarray]) -> Located:
+    """Locate ``ids`` in ``indexes`` (given in override order; ``containers[j][m]``: the index
+    into ``paths`` of member m of indexes[j]): the last container holding an id wins, and
+    within one container its last member."""
+    all_ids = np.concatenate([p.ids for p in indexes]) if indexes else np.zeros(0, np.int64)
+    if len(all_ids) == 0:  # archives without a single image member
+        zeros = np.zeros(len(ids), np.int64)
+        return Located(zeros.astype(bool), paths, zeros, zeros, zeros,
+                       np.full(len(ids), "", "U16"))
+    order = np.argsort(all_ids, kind="stable")  # stable: equal ids keep container order
+    sorted_ids = all_ids[order]
+    # the last occurrence of an id wins
+    pos = np.clip(np.searchsorted(sorted_ids, ids, side="right") - 1, 0, None)
+    pick = order[pos]
+
+    def gather(name):
+        return np.concatenate([getattr(p, name) for p in indexes])[pick]
+    sha = gather("sha256") if all(p.sha256 is not None for p in indexes) else None
+    return Located(sorted_ids[pos] == ids, paths, np.concatenate(containers)[pick],
+                   gather("offsets"), gather("sizes"), gather("exts"), sha)
 
 
 @dataclass
@@ -219,21 +267,7 @@ class ImageSource:
                 self.cut_short_tars.append(str(tar))
             parts.append((index, np.full(len(index.ids), len(paths), np.int64)))
             paths.append(str(tar))
-        all_ids = np.concatenate([p.ids for p, _ in parts])
-        if len(all_ids) == 0:  # archives without a single image member
-            zeros = np.zeros(len(ids), np.int64)
-            return Located(zeros.astype(bool), paths, zeros, zeros, zeros,
-                           np.full(len(ids), "", "U16"))
-        order = np.argsort(all_ids, kind="stable")  # stable: equal ids keep container order
-        sorted_ids = all_ids[order]
-        # the last occurrence of an id wins
-        pos = np.clip(np.searchsorted(sorted_ids, ids, side="right") - 1, 0, None)
-        pick = order[pos]
-
-        def gather(name):
-            return np.concatenate([getattr(p, name) for p, _ in parts])[pick]
-        return Located(sorted_ids[pos] == ids, paths, np.concatenate([w for _, w in parts])[pick],
-                       gather("offsets"), gather("sizes"), gather("exts"))
+        return combine(ids, [p for p, _ in parts], paths, [w for _, w in parts])
 
 
 class MemberReader:

@@ -9,7 +9,8 @@ from .caption_style import add_caption_arguments, caption_options
 
 def add_arguments(parser) -> None:
     parser.add_argument("--db", help="danbooru2023.db (opened read-only)")
-    parser.add_argument("--images", help="image archives folder (webp-4Mpixel, nyanko7 or <id>.<ext>)")
+    parser.add_argument("--images", help="image archives folder (webp-4Mpixel, nyanko7 or <id>.<ext>), "
+                                         "or hf://datasets/OWNER/NAME[@REVISION] (docs/hub.md)")
     parser.add_argument("--selection", help="selection.parquet from `python -m hakubooru select`")
     parser.add_argument("--out", help="output folder (created; re-running resumes it)")
     parser.add_argument("--merge", metavar="OUT",
@@ -46,8 +47,21 @@ def add_build_arguments(parser) -> None:
                         help="image checks: standard (headers, containers, truncation) or "
                              "full (decode every image) (default: %(default)s)")
     parser.add_argument("--cache-dir", help="tar index cache (default: ~/.cache/hakubooru/tarindex)")
+    add_hub_arguments(parser)
     parser.add_argument("--quiet", action="store_true",
                         help="no progress bars (the end-of-run line is still printed)")
+
+
+def add_hub_arguments(parser) -> None:
+    """The options of --images hf://... (build, fetch)."""
+    parser.add_argument("--images-index", metavar="HF_URL",
+                        help="the index repository of --images hf://... (hf://datasets/OWNER/NAME"
+                             "[@REVISION]; default: the known one of the two public archives)")
+    parser.add_argument("--connections", type=int, default=16,
+                        help="concurrent Range requests to the Hub (default: %(default)s)")
+    parser.add_argument("--fetch-retries", type=int, default=5,
+                        help="tries again of a Hub read that failed (429, 5xx, cut connection, "
+                             "sha256 mismatch) before the image counts as failed (default: %(default)s)")
 
 
 def build_options(args) -> dict:
@@ -56,7 +70,9 @@ def build_options(args) -> dict:
             "image_format": args.image_format, "quality": args.quality,
             "max_pixels": args.max_pixels, "validate": args.validate,
             "cache_dir": args.cache_dir, "progress": not args.quiet, "ray": args.ray,
-            "ray_retries": args.ray_retries, "ray_tasks": args.ray_tasks}
+            "ray_retries": args.ray_retries, "ray_tasks": args.ray_tasks,
+            "images_index": args.images_index, "connections": args.connections,
+            "fetch_retries": args.fetch_retries}
 
 
 def run(args) -> int:

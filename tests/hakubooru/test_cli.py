@@ -116,7 +116,8 @@ def test_run_command_statuses_and_one_line_messages(capsys):
 def test_build_options_default_to_build_shards_documented_defaults():
     """docs/shards.md: build_shards(..., shard_size=1000, workers=1, part=None, image_format=None,
     quality=90, max_pixels=None, validate="standard", cache_dir=None, progress=True, ray=None,
-    ray_retries=3, ray_tasks=None); `build` passes the same when no option is given, and --quiet is progress=False."""
+    ray_retries=3, ray_tasks=None, images_index=None, connections=16, fetch_retries=5); `build`
+    passes the same when no option is given, and --quiet is progress=False."""
     from hakubooru.commands.build import build_options
 
     parser, _ = make_parser()
@@ -124,7 +125,8 @@ def test_build_options_default_to_build_shards_documented_defaults():
     assert build_options(parser.parse_args(base)) == {
         "shard_size": 1000, "workers": 1, "part": None, "image_format": None, "quality": 90,
         "max_pixels": None, "validate": "standard", "cache_dir": None, "progress": True,
-        "ray": None, "ray_retries": 3, "ray_tasks": None}
+        "ray": None, "ray_retries": 3, "ray_tasks": None, "images_index": None, "connections": 16,
+        "fetch_retries": 5}
     assert build_options(parser.parse_args(base + ["--quiet"]))["progress"] is False
     # --ray alone: a Ray started for the build; with an address: that cluster
     assert build_options(parser.parse_args(base + ["--ray"]))["ray"] == "local"
