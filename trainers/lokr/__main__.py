@@ -9,6 +9,7 @@
     python -m trainers.lokr convert --lokr run/lokr.safetensors --to diffusers --out lokr-diffusers.safetensors
     python -m trainers.lokr report run/ [--html curves.html]
     python -m trainers.lokr report --dataset out/ --config epsilon --gpus 4 [--html report.html]
+    python -m trainers.lokr eval --pretrained sdxl/ --lokr rev2.safetensors --shards out/ --db danbooru2023.db --out eval/
 
 Errors in the input are one line (``error: ...``, exit status 2).
 """
@@ -74,6 +75,9 @@ def _main(argv: list) -> int:
     if argv[:1] == ["convert"]:
         from trainers.lokr.network import convert
         return convert.main(argv[1:]) or 0
+    if argv[:1] == ["eval"]:
+        from trainers.lokr.observe import eval as eval_command
+        return eval_command.main(argv[1:]) or 0
     if argv[:1] == ["report"] and any(a == "--dataset" or a.startswith("--dataset=") for a in argv):
         from trainers.lokr.observe import dataset_report
         return dataset_report.main(argv[1:]) or 0
