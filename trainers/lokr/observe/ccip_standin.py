@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -53,7 +54,8 @@ def write_standin(folder) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     dyn = {"input": {0: "n"}, "output": {0: "n"}}
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notes; it needs no onnxscript
         torch.onnx.export(_Features().eval(), (torch.zeros(2, 3, 384, 384),), str(folder / "model_feat.onnx"),
                           input_names=["input"], output_names=["output"], dynamic_axes=dyn, dynamo=False)
         torch.onnx.export(_Differences(), (torch.ones(3, FEATURES),), str(folder / "model_metrics.onnx"),
