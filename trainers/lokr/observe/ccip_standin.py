@@ -20,7 +20,7 @@ import torch
 
 from hakubooru.errors import HakubooruError, run_command
 
-THRESHOLD = 0.1
+THRESHOLD = 0.35  # its differences of unrelated pictures spread over about 0.2-0.7
 FEATURES = 256
 
 

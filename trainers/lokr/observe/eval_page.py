@@ -35,6 +35,15 @@ def _grid(label: str, paths: list[Path]) -> str:
     return f"<div class='grid'><span class='lab'>{h.esc(label)}</span>{cells}</div>"
 
 
+def _histogram(values, title: str) -> str:
+    fig, ax = h.figure(5.4, 3.0)
+    ax.hist(values, bins=20, range=(0.0, 1.0), color="#4c72b0")
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("CCIP per character")
+    ax.set_ylabel("characters")
+    return h.img(h.png_data_uri(fig), title)
+
+
 def render(summary: dict, out: Path, images: dict, references: dict) -> str:
     """The page. ``images[(model, character)]``: the generated image paths; ``references[character]``:
     the reference image paths."""
@@ -53,15 +62,18 @@ def render(summary: dict, out: Path, images: dict, references: dict) -> str:
              m["ccip_vs_base"]) for m in models]
     parts.append(h.table(("model", "LoKr", "characters", "images", "CCIP", "same character", "Δ CCIP vs base"),
                          rows, id="models"))
-    charts = [h.histogram([c["scores"][n]["ccip"] for c in summary["characters"]], 20, n, "CCIP per character")
-              for n in names]
+    charts = [_histogram([c["scores"][n]["ccip"] for c in summary["characters"]], n) for n in names]
     body = [h.section("Models", *parts, id="summary"), h.section("Distribution", h.row(*charts), id="distribution")]
     if len(names) >= 2:
         a, b = names[-2], names[-1]
-        delta = sorted(summary["characters"], key=lambda c: (c["scores"][b]["ccip"] - c["scores"][a]["ccip"],
-                                                             c["rank"]))
-        picks = [("gain", c) for c in reversed(delta[-EXTREMES:])] + [("loss", c) for c in delta[:EXTREMES]]
-        blocks = []
+        def change(c):
+            return c["scores"][b]["ccip"] - c["scores"][a]["ccip"]
+
+        gains = sorted((c for c in summary["characters"] if change(c) > 0), key=lambda c: (-change(c), c["rank"]))
+        losses = sorted((c for c in summary["characters"] if change(c) < 0), key=lambda c: (change(c), c["rank"]))
+        picks = [("gain", c) for c in gains[:EXTREMES]] + [("loss", c) for c in losses[:EXTREMES]]
+        blocks = [h.note(f"{len(gains)} characters gained CCIP, {len(losses)} lost; the {EXTREMES} largest "
+                         "of each (thumbnails of the references and of both models' images).")]
         for kind, c in picks:
             d = c["scores"][b]["ccip"] - c["scores"][a]["ccip"]
             blocks.append(f"<h3>{h.esc(kind)}: {h.esc(c['character'])} ({h.esc(c['series'] or 'no series')}), "
