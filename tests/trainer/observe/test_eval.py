@@ -202,3 +202,14 @@ def test_a_missing_ccip_model_or_extra_is_one_line(setup, tmp_path):
     proc = subprocess.run([sys.executable, "-c", blocked], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
     assert "pip install 'hakubooru[eval]'" in proc.stderr
+
+
+def test_two_torchrun_ranks_give_the_same_table(run, setup):
+    out = setup["tmp"] / "ddp"
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "trainers.lokr", *_args(setup, out, "--lokr", str(setup["lokr"]))]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _same_run(run, out)
+    assert done.stdout.count("eval: base CCIP") == 1  # rank 0 alone reports

@@ -16,7 +16,6 @@ d_j <= threshold``.
 """
 from __future__ import annotations
 
-import io
 import os
 import sys
 from pathlib import Path
@@ -126,9 +125,3 @@ def collect_scores(out: Path, models: list[tuple[str, str | None]], chosen: list
     parts = [pq.read_table(part_path(out, name, c)) for name, _ in models for c in chosen]
     return pa.concat_tables(parts) if parts else SCORES_SCHEMA.empty_table()
 
-
-def png_bytes(image) -> bytes:
-    """An image as PNG bytes (for the page)."""
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
