@@ -24,13 +24,12 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from hakubooru import Selector, build_shards, open_db  # noqa: E402
-from hakubooru.report import load_tag_types  # noqa: E402
 from hakubooru.synth import make_demo  # noqa: E402
 from trainers.lokr.config import load_config  # noqa: E402
 from trainers.lokr.distributed import Dist  # noqa: E402
 from trainers.lokr.observe.ccip import CCIP  # noqa: E402
 from trainers.lokr.observe.ccip_standin import write_standin  # noqa: E402
-from trainers.lokr.observe.eval_characters import choose_characters  # noqa: E402
+from trainers.lokr.observe.eval_characters import choose_characters, tag_types  # noqa: E402
 from trainers.lokr.observe.eval_run import render_and_score  # noqa: E402
 from trainers.lokr.observe.sampling import autocast_args, render_one, sdxl_pipeline  # noqa: E402
 from trainers.lokr.sdxl.model import load_base_model  # noqa: E402
@@ -56,7 +55,7 @@ def main() -> None:
     data = ROOT / "bench-data" / "eval"
     shards, db = make_data(data)
     ccip = CCIP(write_standin(data / "ccip"))
-    chosen = choose_characters(shards, load_tag_types(db), characters=args.characters, references=2, seed=0,
+    chosen = choose_characters(shards, tag_types(db), characters=args.characters, references=2, seed=0,
                                progress=False)
     cfg = load_config("tiny", [("model.pretrained", "tiny")])
     dist = Dist(0, 1, 0, torch.device("cpu"))

@@ -103,7 +103,7 @@ MODULES = {
     "trainers/lokr/observe/report.py": ("tests/trainer/observe/test_curves.py", None),
     "trainers/lokr/observe/dataset_report.py": ("tests/trainer/observe/test_dataset_report.py", None),
     "trainers/lokr/observe/tblog.py": ("tests/trainer/observe/test_tblog.py", None),
-    "trainers/lokr/observe/eval_characters.py": ("tests/trainer/observe/test_eval.py", None),
+    "trainers/lokr/observe/eval_characters.py": ("tests/trainer/observe/test_eval_characters.py tests/trainer/observe/test_eval.py", None),
     "trainers/lokr/observe/eval_run.py": ("tests/trainer/observe/test_eval.py", None),
     "trainers/lokr/observe/eval.py": ("tests/trainer/observe/test_eval.py", None),
     "trainers/lokr/observe/ccip.py": ("tests/trainer/observe/test_eval.py", None),

@@ -1,4 +1,4 @@
-"""``python -m trainers.lokr``: train an SDXL LoKr on a shard folder (or ``merge`` one into SDXL).
+"""``python -m trainers.lokr``: train an SDXL LoKr on a shard folder (or ``merge`` one into SDXL, ``eval`` it).
 
     python -m trainers.lokr --shards out/ --pretrained sdxl/ [--config epsilon] [--output run/]
     python -m trainers.lokr --config tiny --shards out/ --output run/ --max-steps 20
@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m trainers.lokr", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="`python -m trainers.lokr merge --help` for merging, "
-                                            "`python -m trainers.lokr convert --help` for renaming a LoKr's modules.")
+                                            "`python -m trainers.lokr convert --help` for renaming a LoKr's modules, "
+                                            "`python -m trainers.lokr eval --help` for the CCIP benchmark.")
     parser.add_argument("--config", default="epsilon",
                         help=f"bundled config ({', '.join(BUNDLED)}) or a TOML file (default: epsilon)")
     parser.add_argument("--shards", help="shard folder written by `python -m hakubooru build` "

@@ -92,7 +92,6 @@ def main(argv=None) -> int:
     cfg = load_config(args.config, [*args.set, ("model.pretrained", args.pretrained)])
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops like Ctrl-C
 
-    from hakubooru.report import load_tag_types
     from trainers.lokr.distributed import barrier, init_distributed, shutdown
     from trainers.lokr.observe import eval_characters as ec
     from trainers.lokr.observe.eval_run import collect_scores, render_and_score
@@ -100,11 +99,12 @@ def main(argv=None) -> int:
     dist = init_distributed()
     try:
         progress = dist.is_main and not args.no_progress
-        chosen = ec.choose_characters(shards, load_tag_types(args.db), characters=args.characters,
+        chosen = ec.choose_characters(shards, ec.tag_types(args.db), characters=args.characters,
                                       references=args.references, seed=args.seed, progress=progress)
         if not chosen:
             raise HakubooruError(f"no character of {shards} has {args.references} single-character samples "
-                                 "(1girl/1boy/1other and one character tag); lower --references")
+                                 "(1girl/1boy/1other and one character tag); lower --references, or check that "
+                                 f"{args.db} is the database the shards were built from")
         models = model_names(args.lokr)
         ccip = CCIP(ccip_folder)
         out = Path(args.out)

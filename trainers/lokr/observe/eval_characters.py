@@ -87,6 +87,19 @@ class Character:
         return f"{safe}-{self.key:016x}"[:57]
 
 
+def tag_types(db) -> dict[str, str]:
+    """Tag name -> type (character, copyright, ...) from the database's tag table, under both
+    the formatted name (the default caption style) and danbooru's own (``--underscores keep``)."""
+    from hakubooru.db import Tag, open_db
+
+    open_db(db)  # binds the models
+    types = {}
+    for name, kind in Tag.select(Tag.name, Tag.type).tuples().iterator():
+        types.setdefault(format_tag(name), kind)
+        types.setdefault(name, kind)
+    return types
+
+
 def single_character(keep, types: dict) -> tuple[str, str, list[str]] | None:
     """(people tag, character, copyright tags) of a single-character record's keep list, else None."""
     people = [t for t in keep if t in _PEOPLE]
