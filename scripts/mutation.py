@@ -103,6 +103,10 @@ MODULES = {
     "trainers/lokr/observe/report.py": ("tests/trainer/observe/test_curves.py", None),
     "trainers/lokr/observe/dataset_report.py": ("tests/trainer/observe/test_dataset_report.py", None),
     "trainers/lokr/observe/tblog.py": ("tests/trainer/observe/test_tblog.py", None),
+    "trainers/lokr/observe/eval_characters.py": ("tests/trainer/observe/test_eval_characters.py tests/trainer/observe/test_eval.py", None),
+    "trainers/lokr/observe/eval_run.py": ("tests/trainer/observe/test_eval.py", None),
+    "trainers/lokr/observe/eval.py": ("tests/trainer/observe/test_eval.py", None),
+    "trainers/lokr/observe/ccip.py": ("tests/trainer/observe/test_ccip.py tests/trainer/observe/test_eval.py", None),
     # train.py beyond the step functions: the loop (its tests train the tiny model)
     "trainers/lokr/train.py::loop": ("tests/trainer/test_train.py tests/trainer/test_state.py", "loop"),
 }

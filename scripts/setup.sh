@@ -15,5 +15,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
     python -m pip install -q --upgrade pip
     python -m pip install -q "torch==2.13.0"
     python -m pip install -q -e '.[train,test]'
+    # the eval extra's CCIP library pins numpy<2 (pyarrow needs 2); its code runs on 2 (docs/eval.md)
+    python -m pip install -q --no-deps --no-warn-conflicts "dghs-imgutils==0.19.0"
     echo "$wanted" > "$stamp"
 fi

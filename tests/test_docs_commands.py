@@ -142,3 +142,21 @@ def test_docs_lokr_file_workflow(tmp_path):
     assert "diffusers naming" in outputs[2].stderr and (tmp_path / "merged.safetensors").is_file()
     assert "initialised the LoKr from run/lokr.safetensors: 273 modules, sd-scripts naming" in outputs[3].stderr
     assert (tmp_path / "rev2" / "lokr.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_docs_eval_walkthrough(tmp_path, synth_demo):
+    from tests.helpers.builds import build_every_post
+    from tests.helpers.tiny_lokr import trained_lokr
+    from trainers.lokr.network.lokr import save_lokr
+
+    (lines,) = marked_commands("docs/eval.md")
+    build_every_post(synth_demo, tmp_path / "build", tmp_path / "out")
+    (tmp_path / "danbooru2023.db").symlink_to(synth_demo[0])
+    sdxl, network, _ = trained_lokr()
+    save_lokr(network, tmp_path / "rev1.safetensors", {"step": 1}, unet=sdxl.unet, dtype="fp32")
+    outputs = run_lines(lines, tmp_path)
+    assert "STAND-IN" in outputs[0].stdout
+    assert outputs[1].stdout.startswith("eval: base CCIP ") and "rev1 CCIP " in outputs[1].stdout
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert [m["name"] for m in summary["models"]] == ["base", "rev1"] and len(summary["characters"]) == 3

@@ -1,4 +1,4 @@
-"""``python -m trainers.lokr``: train an SDXL LoKr on a shard folder (or ``merge`` one into SDXL).
+"""``python -m trainers.lokr``: train an SDXL LoKr on a shard folder (or ``merge`` one into SDXL, ``eval`` it).
 
     python -m trainers.lokr --shards out/ --pretrained sdxl/ [--config epsilon] [--output run/]
     python -m trainers.lokr --config tiny --shards out/ --output run/ --max-steps 20
@@ -10,6 +10,7 @@
     python -m trainers.lokr report run/ [--html curves.html]
     python -m trainers.lokr report --dataset out/ --config epsilon --gpus 4 [--html report.html]
     python -m trainers.lokr captions --config epsilon --shards out/ [--epoch E] [--limit N] [--format text|jsonl]
+    python -m trainers.lokr eval --pretrained sdxl/ --lokr rev2.safetensors --shards out/ --db danbooru2023.db --out eval/
 
 Errors in the input are one line (``error: ...``, exit status 2).
 """
@@ -29,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog="`python -m trainers.lokr merge --help` for merging, "
                                             "`python -m trainers.lokr convert --help` for renaming a LoKr's modules, "
                                             "`python -m trainers.lokr captions --help` for the captions the "
-                                            "model sees.")
+                                            "model sees, `python -m trainers.lokr eval --help` for the CCIP benchmark.")
     parser.add_argument("--config", default="epsilon",
                         help=f"bundled config ({', '.join(BUNDLED)}) or a TOML file (default: epsilon)")
     parser.add_argument("--shards", help="shard folder written by `python -m hakubooru build` "
@@ -80,6 +81,9 @@ def _main(argv: list) -> int:
     if argv[:1] == ["captions"]:
         from trainers.lokr.observe import captions
         return captions.main(argv[1:]) or 0
+    if argv[:1] == ["eval"]:
+        from trainers.lokr.observe import eval as eval_command
+        return eval_command.main(argv[1:]) or 0
     if argv[:1] == ["report"] and any(a == "--dataset" or a.startswith("--dataset=") for a in argv):
         from trainers.lokr.observe import dataset_report
         return dataset_report.main(argv[1:]) or 0

@@ -112,21 +112,31 @@ def _inference_modes(*models):
             m.training = mode
 
 
+def autocast_args(cfg: dict, device: torch.device) -> dict:
+    """``torch.autocast`` arguments of the training precision (``train.mixed_precision``)."""
+    mixed = cfg["train"]["mixed_precision"]
+    return dict(device_type=device.type, dtype={"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed),
+                enabled=mixed != "no")
+
+
+def sdxl_pipeline(sdxl, sampler: str):
+    """diffusers' SDXL pipeline on the parts of ``sdxl`` (no copies), with scheduler class ``sampler``."""
+    from diffusers import StableDiffusionXLPipeline
+
+    scheduler_class = getattr(importlib.import_module("diffusers"), sampler)
+    return StableDiffusionXLPipeline(
+        vae=sdxl.vae, text_encoder=sdxl.text_encoder_1, text_encoder_2=sdxl.text_encoder_2,
+        tokenizer=sdxl.tokenizer_1, tokenizer_2=sdxl.tokenizer_2, unet=sdxl.unet,
+        scheduler=scheduler_class.from_config(sdxl.noise_scheduler.config), add_watermarker=False)
+
+
 def render(sdxl, cfg: dict, folder: Path, step: int, device, stopping=lambda: False) -> list[Path] | None:
     """Render the prompts of ``cfg["sample"]`` into ``folder``: ``<step>-<k>.png`` for each
     prompt, then ``<step>-sheet.png``; returns those paths (sheet last), or None when
     ``stopping()`` turned true first (the finished images stay, no sheet is written)."""
-    from diffusers import StableDiffusionXLPipeline
-
     device = torch.device(device)
-    mixed = cfg["train"]["mixed_precision"]
-    amp = dict(device_type=device.type, dtype={"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed),
-               enabled=mixed != "no")
-    scheduler_class = getattr(importlib.import_module("diffusers"), cfg["sample"]["sampler"])
-    pipe = StableDiffusionXLPipeline(
-        vae=sdxl.vae, text_encoder=sdxl.text_encoder_1, text_encoder_2=sdxl.text_encoder_2,
-        tokenizer=sdxl.tokenizer_1, tokenizer_2=sdxl.tokenizer_2, unet=sdxl.unet,
-        scheduler=scheduler_class.from_config(sdxl.noise_scheduler.config), add_watermarker=False)
+    amp = autocast_args(cfg, device)
+    pipe = sdxl_pipeline(sdxl, cfg["sample"]["sampler"])
     folder.mkdir(parents=True, exist_ok=True)
     tqdm.write(announce(cfg, step, folder), file=sys.stderr)
     max_windows = cfg["data"]["max_windows"]
@@ -140,7 +150,7 @@ def render(sdxl, cfg: dict, folder: Path, step: int, device, stopping=lambda: Fa
             for k, p in enumerate(settings):
                 pipe.set_progress_bar_config(disable=not sys.stderr.isatty(), leave=False,
                                              desc=f"sample {k + 1}/{len(settings)}")
-                images.append(_render_one(pipe, sdxl, p, amp, max_windows))
+                images.append(render_one(pipe, sdxl, p, amp, max_windows))
                 paths.append(folder / f"{step:08d}-{k}.png")
                 images[-1].save(paths[-1])
     except _Stopped:
@@ -150,8 +160,9 @@ def render(sdxl, cfg: dict, folder: Path, step: int, device, stopping=lambda: Fa
     return paths + [sheet]
 
 
-def _render_one(pipe, sdxl, p: dict, amp: dict, max_windows: int) -> Image.Image:
-    """One prompt's image: denoise under the training autocast, decode in fp32."""
+def render_one(pipe, sdxl, p: dict, amp: dict, max_windows: int) -> Image.Image:
+    """One prompt's image (``p``: the keys of ``PROMPT_KEYS``): denoise under the autocast
+    ``amp``, decode in fp32."""
     with torch.autocast(**amp):
         context, pooled = encode_prompts(sdxl, [p["prompt"], p["negative_prompt"]], max_windows=max_windows)
         latents = pipe(prompt_embeds=context[:1], pooled_prompt_embeds=pooled[:1],
