@@ -30,12 +30,13 @@ FREE_ON_RESUME = {"data.workers", "train.ddp_timeout", "train.save_every", "trai
                   "sample.negative_prompt", "sample.prompts"}
 # What a state written before a key existed meant by it (the network before Kohaku XL Delta's
 # groups: no norm offsets, the new groups not wrapped).
-LEGACY_DEFAULTS = {"lokr.train_norm": False, **{f"lokr.factors.{g}": 0 for g in (
+LEGACY_DEFAULTS = {"lokr.train_norm": False, "model.prediction_type": "auto", "model.zero_terminal_snr": "auto", **{f"lokr.factors.{g}": 0 for g in (
     "Transformer2DModel", "Downsample2D", "Upsample2D", "conv_in_out", "embeddings")}}
 # Keys that only decide how long the run goes on: accepted on resume with --allow-config-change.
 SAFE_ON_RESUME = {"train.max_steps", "train.epochs"}
 
 _CHOICES = {
+    "model.prediction_type": ("auto", "epsilon", "v_prediction"),
     "train.mixed_precision": ("fp16", "bf16", "no"),
     "optimizer.name": ("Lion8bit",),
     "train.log_with": ("", "tensorboard"),
@@ -46,6 +47,7 @@ _CHOICES = {
     "data.latent_cache": ("auto", "off", "require"),
     "data.on_corrupt": ("error", "skip"),
 }
+_BOOL_OR_AUTO = {"model.zero_terminal_snr"}  # "auto" (from the base) or a boolean
 # (dotted key, lowest allowed value, exclusive?)
 _LOWER_BOUNDS = [
     ("data.resolution", 8, False), ("data.bucket_min", 8, False), ("data.bucket_max", 8, False),
@@ -89,7 +91,9 @@ def _set(cfg: dict, dotted: str, value, schema: dict, origin: str) -> None:
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise HakubooruError(f"{origin}: unknown config key '{dotted}'{hint}")
     expected = schema[dotted]
-    if isinstance(expected, bool) or isinstance(value, bool):
+    if dotted in _BOOL_OR_AUTO:
+        ok = value == "auto" or isinstance(value, bool)
+    elif isinstance(expected, bool) or isinstance(value, bool):
         ok = isinstance(value, bool) and isinstance(expected, bool)
     elif isinstance(expected, float):
         ok = isinstance(value, (int, float)) and math.isfinite(value)
@@ -97,7 +101,8 @@ def _set(cfg: dict, dotted: str, value, schema: dict, origin: str) -> None:
     else:
         ok = isinstance(value, type(expected))
     if not ok:
-        kind = "a finite float" if isinstance(expected, float) else type(expected).__name__
+        kind = ("a finite float" if isinstance(expected, float) else "true, false or \"auto\""
+                if dotted in _BOOL_OR_AUTO else type(expected).__name__)
         raise HakubooruError(f"{origin}: config key '{dotted}' must be {kind}, got {value!r}")
     *tables, key = dotted.split(".")
     node = cfg

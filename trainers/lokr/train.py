@@ -23,7 +23,9 @@ from hakubooru.errors import HakubooruError
 from hakubooru.manifest import write_atomic
 from hakubooru.rng import hash64
 from trainers.lokr.network import metadata
-from trainers.lokr.sdxl.model import AMP_DTYPES, base_model_hash, load_base_model
+from trainers.lokr.sdxl.model import AMP_DTYPES, base_model_hash, load_base_model, training_scheduler
+from trainers.lokr.sdxl import prediction
+from trainers.lokr.sdxl.prediction import min_snr_weights
 from trainers.lokr.observe import sampling
 from trainers.lokr.data.bucketing import make_buckets
 from trainers.lokr.config import check_resume_config, config_fingerprint, config_json
@@ -50,15 +52,6 @@ def lr_factor(step: int, warmup_steps: int) -> float:
     return 1.0 if warmup_steps == 0 else min(1.0, (step + 1) / warmup_steps)
 
 
-def min_snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Min-SNR-γ loss weights for ε-prediction: min(SNR, γ) / SNR with SNR = ᾱ / (1 − ᾱ); γ = 0 turns it off."""
-    alpha_bar = alphas_cumprod[timesteps].double()
-    snr = alpha_bar / (1 - alpha_bar)
-    if gamma == 0:
-        return torch.ones_like(snr, dtype=torch.float32)
-    return (snr.clamp(max=gamma) / snr).float()
-
-
 @dataclass
 class Draws:
     """The random inputs of one micro-batch, one row per sample."""
@@ -83,9 +76,9 @@ def sample_draws(seed: int, micro_step: int, ids, latent_shape, num_timesteps: i
     return Draws(torch.cat(timesteps), torch.stack(noise), torch.stack(latent_eps))
 
 
-def diffusion_loss(pred: torch.Tensor, noise: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """ε-prediction MSE per sample (mean over C, H, W), weighted, averaged over the batch."""
-    per_sample = (pred.float() - noise.float()).pow(2).mean(dim=(1, 2, 3))
+def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """MSE to the target (ε or v) per sample (mean over C, H, W), weighted, averaged over the batch."""
+    per_sample = (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
     return (per_sample * weights).mean()
 
 
@@ -169,8 +162,15 @@ def setup(cfg: dict, shards, output, *, resume=None, allow_config_change: bool =
     buckets = make_buckets(area=dc["resolution"] ** 2, min_side=dc["bucket_min"],
                            max_side=dc["bucket_max"], step=dc["bucket_step"])
 
+    chosen, lines = prediction.resolve(cfg["model"], prediction.detect(cfg["model"]["pretrained"],
+                                                                      cfg["model"]["config"]))
+    if d.is_main:
+        print("\n".join(lines), file=sys.stderr)
     weight_dtype = AMP_DTYPES[tc["mixed_precision"]]
     sdxl = load_base_model(cfg, weight_dtype)
+    sdxl.noise_scheduler = training_scheduler(sdxl.noise_scheduler.config, chosen)
+    if cfg["sample"]["every"] and cfg["sample"]["prompts"]:
+        sampling.sampler(cfg, sdxl)  # a sampler without a zero-terminal-SNR schedule: refused now, not at step 500
     for model in (sdxl.unet, sdxl.vae, sdxl.text_encoder_1, sdxl.text_encoder_2):
         model.to(d.device).requires_grad_(False)
     if sdxl.vae.dtype != torch.float32:
@@ -257,7 +257,7 @@ def lokr_metadata(run: Run) -> dict:
         dataset_fingerprint=run.index.fingerprint, output_name=run.output.resolve().name,
         config_json=config_json(run.cfg),
         preset=lokr_preset(run.sdxl, run.cfg["lokr"], text_encoders=run.cfg["train"]["train_text_encoders"]),
-        cache_latents=run.latent_cache is not None)
+        cache_latents=run.latent_cache is not None, prediction=prediction.of_scheduler(run.sdxl.noise_scheduler))
 
 
 def write_lokr(run: Run, path: Path) -> Path:
@@ -282,7 +282,7 @@ def train(cfg: dict, shards, output, *, resume=None, allow_config_change: bool =
 
 
 def micro_batch_loss(run: Run, batch: dict, micro_step: int) -> torch.Tensor:
-    """The min-SNR-weighted ε-prediction loss of one micro-batch (recipe §3–4)."""
+    """The min-SNR-weighted loss of one micro-batch (recipe §3–4), to ε or v as the base predicts."""
     sdxl, tc, device = run.sdxl, run.cfg["train"], run.dist.device
     scheduler = sdxl.noise_scheduler
     amp = dict(device_type=device.type, dtype=AMP_DTYPES[tc["mixed_precision"]], enabled=tc["mixed_precision"] != "no")
@@ -303,8 +303,9 @@ def micro_batch_loss(run: Run, batch: dict, micro_step: int) -> torch.Tensor:
     with torch.autocast(**amp):
         pred = sdxl.unet(noisy, timesteps, encoder_hidden_states=context,
                          added_cond_kwargs={"text_embeds": pooled, "time_ids": batch["time_ids"].to(device)}).sample
-    weights = min_snr_weights(scheduler.alphas_cumprod.to(device), timesteps, tc["min_snr_gamma"])
-    return diffusion_loss(pred, noise, weights)
+    weights = min_snr_weights(scheduler.alphas_cumprod.to(device), timesteps, tc["min_snr_gamma"],
+                              scheduler.config.prediction_type)
+    return diffusion_loss(pred, prediction.target(scheduler, latents, noise, timesteps), weights)
 
 
 def _loop(run: Run) -> dict:

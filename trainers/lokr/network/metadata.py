@@ -18,6 +18,7 @@ from pathlib import Path
 
 from hakubooru.tagcounts import ensure_tag_counts
 from trainers.lokr.network.lokr import FULL_MATRIX_DIM
+from trainers.lokr.sdxl.prediction import MODELSPEC_TYPES, Prediction
 from trainers.lokr.sdxl.text import WINDOW
 
 SDXL_BASE_VERSION = "sdxl_base_v1-0"       # sd-scripts' MODEL_VERSION_SDXL_BASE_V1_0
@@ -79,10 +80,12 @@ def preset_toml(preset: dict) -> str:
 def lokr_metadata(cfg: dict, *, step: int, epoch: int, total_steps: int, batches_per_epoch: int,
                   world_size: int, num_train_images: int, dataset_dir: str, tags: dict[str, int],
                   started_at: float, base_model_sha256: str, dataset_fingerprint: str, output_name: str,
-                  config_json: str, preset: dict, cache_latents: bool = False) -> dict[str, str]:
+                  config_json: str, preset: dict, cache_latents: bool = False,
+                  prediction: Prediction = Prediction()) -> dict[str, str]:
     """Every metadata string of a LoKr file written at optimizer step `step` (0-based `epoch`);
     `preset` is the network's LyCORIS preset (`network.lokr_preset`), `cache_latents` whether
-    the run read VAE latents from the latent cache."""
+    the run read VAE latents from the latent cache, `prediction` what the run trained (ε or v,
+    zero-terminal SNR)."""
     tc, dc, oc = cfg["train"], cfg["data"], cfg["optimizer"]
     pretrained = str(cfg["model"]["pretrained"])
     res = dc["resolution"]
@@ -116,6 +119,7 @@ def lokr_metadata(cfg: dict, *, step: int, epoch: int, total_steps: int, batches
         "ss_seed": tc["seed"],
         "ss_noise_offset": tc["noise_offset"],
         "ss_min_snr_gamma": tc["min_snr_gamma"],
+        "ss_zero_terminal_snr": prediction.zero_terminal_snr,
         "ss_max_grad_norm": tc["max_grad_norm"],
         "ss_clip_skip": None,
         "ss_max_token_length": WINDOW * dc["max_windows"],
@@ -147,7 +151,7 @@ def lokr_metadata(cfg: dict, *, step: int, epoch: int, total_steps: int, batches
         "modelspec.title": output_name,
         "modelspec.resolution": f"{res}x{res}",
         "modelspec.date": spec_date(started_at),
-        "modelspec.prediction_type": "epsilon",
+        "modelspec.prediction_type": MODELSPEC_TYPES[prediction.type],
         "modelspec.description": f"LyCORIS LoKr (full matrix) over SDXL 1.0 base, {step} steps, "
                                  f"{num_train_images} images",
     }

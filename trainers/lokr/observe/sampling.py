@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from hakubooru.errors import HakubooruError
 from trainers.lokr.distributed import all_reduce_sum
+from trainers.lokr.sdxl.prediction import sampler_config
 from trainers.lokr.sdxl.text import encode_prompts
 
 PROMPT_KEYS = ("prompt", "seed", "width", "height", "steps", "guidance", "negative_prompt")
@@ -43,6 +44,13 @@ def prompt_settings(sample_cfg: dict) -> list[dict]:
         full["seed"] = p.get("seed", k)
         out.append(full)
     return out
+
+
+def sampler(cfg: dict, sdxl):
+    """The ``sample.sampler`` scheduler on the training schedule: same prediction type (ε or v)
+    and betas (zero-terminal SNR rescaled, then "trailing" timesteps)."""
+    scheduler_class = getattr(importlib.import_module("diffusers"), cfg["sample"]["sampler"])
+    return scheduler_class.from_config(sampler_config(scheduler_class, sdxl.noise_scheduler))
 
 
 def is_due(cfg: dict, step: int, total_steps: int) -> bool:
@@ -122,11 +130,10 @@ def render(sdxl, cfg: dict, folder: Path, step: int, device, stopping=lambda: Fa
     mixed = cfg["train"]["mixed_precision"]
     amp = dict(device_type=device.type, dtype={"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed),
                enabled=mixed != "no")
-    scheduler_class = getattr(importlib.import_module("diffusers"), cfg["sample"]["sampler"])
     pipe = StableDiffusionXLPipeline(
         vae=sdxl.vae, text_encoder=sdxl.text_encoder_1, text_encoder_2=sdxl.text_encoder_2,
         tokenizer=sdxl.tokenizer_1, tokenizer_2=sdxl.tokenizer_2, unet=sdxl.unet,
-        scheduler=scheduler_class.from_config(sdxl.noise_scheduler.config), add_watermarker=False)
+        scheduler=sampler(cfg, sdxl), add_watermarker=False)
     folder.mkdir(parents=True, exist_ok=True)
     tqdm.write(announce(cfg, step, folder), file=sys.stderr)
     max_windows = cfg["data"]["max_windows"]
