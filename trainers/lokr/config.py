@@ -38,7 +38,8 @@ SAFE_ON_RESUME = {"train.max_steps", "train.epochs"}
 _CHOICES = {
     "model.prediction_type": ("auto", "epsilon", "v_prediction"),
     "train.mixed_precision": ("fp16", "bf16", "no"),
-    "optimizer.name": ("Lion8bit",),
+    "optimizer.name": ("Lion8bit", "AdamW", "AdamW8bit", "Prodigy"),
+    "optimizer.schedule": ("constant", "cosine", "linear", "cosine_with_restarts"),
     "train.log_with": ("", "tensorboard"),
     "lokr.save_dtype": ("fp16", "bf16", "fp32"),
     "lokr.naming": ("sd-scripts", "diffusers"),
@@ -60,7 +61,7 @@ _LOWER_BOUNDS = [
     ("train.save_every", 1, False), ("train.keep_states", 1, False),
     ("train.checkpoint_every", 1, False), ("train.ddp_timeout", 0, True), ("optimizer.lr_unet", 0, True),
     ("optimizer.lr_text", 0, True), ("optimizer.weight_decay", 0, False),
-    ("optimizer.warmup_steps", 0, False), ("sample.every", 0, False),
+    ("optimizer.warmup_steps", 0, False), ("optimizer.cycles", 1, False), ("sample.every", 0, False),
 ]
 
 

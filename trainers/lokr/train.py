@@ -39,17 +39,20 @@ from trainers.lokr.network.lokr import (create_lokr, init_from_lokr, lokr_param_
                                    save_lokr)
 from trainers.lokr.state import load_latest_state, save_state, state_dir
 from trainers.lokr.observe.tblog import ScalarLog
+from trainers.lokr.optimizers import check_bitsandbytes, make_optimizer, prodigy_class
+from trainers.lokr.schedule import lr_factor as schedule_factor
 from trainers.lokr.sdxl.text import encode_prompts
 
-MIN_BITSANDBYTES = (0, 41, 1)  # 0.36.0–0.41.0 have the 8-bit dynamic-map bug
 KILL_AFTER_STATE_ENV = "LOKR_TEST_KILL_AFTER_STATE"  # tests: SIGKILL right after writing this step's state
 
 
 # ---------------------------------------------------------------- the pieces of one step
 
-def lr_factor(step: int, warmup_steps: int) -> float:
-    """Learning-rate multiplier at optimizer step ``step`` (0-based): linear warmup, then constant."""
-    return 1.0 if warmup_steps == 0 else min(1.0, (step + 1) / warmup_steps)
+def lr_factor(step: int, warmup_steps: int, schedule: str = "constant", total_steps: int = 0,
+              cycles: int = 1) -> float:
+    """Learning-rate multiplier at optimizer step ``step`` (0-based): linear warmup, then
+    ``optimizer.schedule`` (trainers/lokr/schedule.py)."""
+    return schedule_factor(step, warmup_steps, schedule, total_steps, cycles)
 
 
 @dataclass
@@ -83,19 +86,6 @@ def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tens
 
 
 # ---------------------------------------------------------------- set-up
-
-def check_bitsandbytes():
-    """Import bitsandbytes, refusing the versions whose 8-bit optimizers are broken."""
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        raise HakubooruError("Lion8bit needs bitsandbytes ≥ 0.41.1: pip install 'bitsandbytes>=0.41.1'") from None
-    version = tuple(int(p) for p in bnb.__version__.split("+")[0].split(".")[:3] if p.isdigit())
-    if version < MIN_BITSANDBYTES:
-        raise HakubooruError(f"bitsandbytes {bnb.__version__} has the 8-bit dynamic-map bug "
-                             "(0.36.0–0.41.0): install bitsandbytes ≥ 0.41.1")
-    return bnb
-
 
 @dataclass
 class Progress:
@@ -153,7 +143,10 @@ def setup(cfg: dict, shards, output, *, resume=None, allow_config_change: bool =
     if not cfg["model"]["pretrained"]:
         raise HakubooruError("no base model: pass --pretrained PATH (a diffusers SDXL folder or a single-file "
                              ".safetensors checkpoint), or --config tiny for the built-in tiny model")
-    bnb = check_bitsandbytes()
+    if oc["name"] in ("Lion8bit", "AdamW8bit"):
+        check_bitsandbytes(oc["name"])  # before loading the model
+    elif oc["name"] == "Prodigy":
+        prodigy_class()
     logging.getLogger("LyCORIS").setLevel(logging.WARNING)
     if tc["mixed_precision"] == "fp16" and d.device.type != "cuda":
         raise HakubooruError("train.mixed_precision = \"fp16\" needs a CUDA GPU; on the CPU use \"no\" "
@@ -191,8 +184,7 @@ def setup(cfg: dict, shards, output, *, resume=None, allow_config_change: bool =
         init_from_lokr(network, sdxl, cfg["lokr"]["init_from"])
     network.to(device=d.device, dtype=torch.float32)
     groups = lokr_param_groups(network, oc["lr_unet"], oc["lr_text"], oc["weight_decay"])
-    optimizer = bnb.optim.Lion8bit(groups, lr=oc["lr_unet"], betas=tuple(oc["betas"]),
-                                   weight_decay=oc["weight_decay"])
+    optimizer = make_optimizer(groups, oc)
     scaler = torch.amp.GradScaler(d.device.type, enabled=tc["mixed_precision"] == "fp16")
     base_lrs = [g["lr"] for g in optimizer.param_groups]  # before a resume loads warmed-up ones
 
@@ -369,7 +361,8 @@ def _loop(run: Run) -> dict:
                 p.cursor += accum
                 p.corrupt += int(totals[3])
 
-                factor = lr_factor(p.step, cfg["optimizer"]["warmup_steps"])
+                oc = cfg["optimizer"]
+                factor = lr_factor(p.step, oc["warmup_steps"], oc["schedule"], run.total_steps, oc["cycles"])
                 for group, base in zip(optimizer.param_groups, run.base_lrs):
                     group["lr"] = base * factor
                 grad_norm = float("nan")

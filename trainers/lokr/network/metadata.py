@@ -24,7 +24,9 @@ from trainers.lokr.sdxl.text import WINDOW
 SDXL_BASE_VERSION = "sdxl_base_v1-0"       # sd-scripts' MODEL_VERSION_SDXL_BASE_V1_0
 MODELSPEC_ARCHITECTURE = "stable-diffusion-xl-v1-base/lora"
 MODELSPEC_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
-OPTIMIZER_CLASS = "bitsandbytes.optim.lion.Lion8bit"
+OPTIMIZER_CLASSES = {"Lion8bit": "bitsandbytes.optim.lion.Lion8bit", "AdamW": "torch.optim.adamw.AdamW",
+                     "AdamW8bit": "bitsandbytes.optim.adamw.AdamW8bit", "Prodigy": "prodigyopt.prodigy.Prodigy"}
+OPTIMIZER_CLASS = OPTIMIZER_CLASSES["Lion8bit"]
 SOURCE_DATE_ENV = "SOURCE_DATE_EPOCH"
 PRESET_FILE = "lycoris_preset.toml"        # beside each LoKr of a run; ss_network_args' preset=
 
@@ -112,8 +114,8 @@ def lokr_metadata(cfg: dict, *, step: int, epoch: int, total_steps: int, batches
         "ss_gradient_accumulation_steps": tc["grad_accum"],
         "ss_max_train_steps": total_steps,
         "ss_lr_warmup_steps": oc["warmup_steps"],
-        "ss_lr_scheduler": "constant_with_warmup",
-        "ss_optimizer": f"{OPTIMIZER_CLASS}(weight_decay={oc['weight_decay']},betas={tuple(oc['betas'])})",
+        "ss_lr_scheduler": {"constant": "constant_with_warmup"}.get(oc["schedule"], oc["schedule"]),
+        "ss_optimizer": f"{OPTIMIZER_CLASSES[oc['name']]}(weight_decay={oc['weight_decay']},betas={tuple(oc['betas'])})",
         "ss_mixed_precision": tc["mixed_precision"],
         "ss_full_fp16": False,
         "ss_seed": tc["seed"],
