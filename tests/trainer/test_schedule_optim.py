@@ -14,8 +14,8 @@ from hakubooru.errors import HakubooruError
 from tests.helpers.shards import make_test_shards
 from tests.helpers.trainer_cli import tensors
 from trainers.lokr.config import load_config
-from trainers.lokr.optimizers import make_optimizer
-from trainers.lokr.schedule import lr_factor
+from trainers.lokr.optim.optimizers import make_optimizer
+from trainers.lokr.optim.schedule import lr_factor
 from trainers.lokr.state import read_state
 from trainers.lokr.train import train
 

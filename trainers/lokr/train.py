@@ -39,8 +39,8 @@ from trainers.lokr.network.lokr import (create_lokr, init_from_lokr, lokr_param_
                                    save_lokr)
 from trainers.lokr.state import load_latest_state, save_state, state_dir
 from trainers.lokr.observe.tblog import ScalarLog
-from trainers.lokr.optimizers import check_bitsandbytes, make_optimizer, prodigy_class
-from trainers.lokr.schedule import lr_factor as schedule_factor
+from trainers.lokr.optim.optimizers import check_bitsandbytes, make_optimizer, prodigy_class
+from trainers.lokr.optim.schedule import lr_factor as schedule_factor
 from trainers.lokr.sdxl.text import encode_prompts
 
 KILL_AFTER_STATE_ENV = "LOKR_TEST_KILL_AFTER_STATE"  # tests: SIGKILL right after writing this step's state
