@@ -52,7 +52,7 @@ _BOOL_OR_AUTO = {"model.zero_terminal_snr"}  # "auto" (from the base) or a boole
 # (dotted key, lowest allowed value, exclusive?)
 _LOWER_BOUNDS = [
     ("data.resolution", 8, False), ("data.bucket_min", 8, False), ("data.bucket_max", 8, False),
-    ("data.bucket_step", 8, False), ("data.tag_dropout", 0, False), ("data.max_windows", 1, False),
+    ("data.bucket_step", 8, False), ("data.tag_dropout", 0, False), ("data.caption_dropout", 0, False), ("data.max_windows", 1, False),
     ("data.workers", 0, False), ("data.keep_tokens", 0, False), ("data.vae_batch_size", 1, False),
     ("train.seed", 0, False), ("train.batch_size", 1, False),
     ("train.grad_accum", 1, False), ("train.epochs", 1, False), ("train.max_steps", 0, False),
@@ -148,6 +148,8 @@ def validate(cfg: dict) -> None:
     if not flat["data.bucket_min"] <= flat["data.resolution"] <= flat["data.bucket_max"]:
         raise HakubooruError("config: need data.bucket_min ≤ data.resolution ≤ data.bucket_max "
                              f"(got {flat['data.bucket_min']}, {flat['data.resolution']}, {flat['data.bucket_max']})")
+    if flat["data.caption_dropout"] > 1:
+        raise HakubooruError(f"config key 'data.caption_dropout' must be ≤ 1 (got {flat['data.caption_dropout']})")
     if flat["data.tag_dropout"] >= 1:
         raise HakubooruError(f"config key 'data.tag_dropout' must be < 1 (got {flat['data.tag_dropout']})")
     betas = flat["optimizer.betas"]

@@ -27,9 +27,10 @@ from trainers.lokr.sdxl.model import AMP_DTYPES, base_model_hash, load_base_mode
 from trainers.lokr.sdxl import prediction
 from trainers.lokr.sdxl.prediction import min_snr_weights
 from trainers.lokr.observe import sampling
-from trainers.lokr.data.bucketing import make_buckets
+from trainers.lokr.data.bucketing import config_buckets
 from trainers.lokr.config import check_resume_config, config_fingerprint, config_json
 from trainers.lokr.data.batches import BatchPlan, make_loader
+from trainers.lokr.data.caption_dropout import drop_captions
 from trainers.lokr.data.index import load_index
 from trainers.lokr.data.vae_encode import encode_latents
 from trainers.lokr.distributed import Dist, all_reduce_grads, all_reduce_sum, barrier, init_distributed, shutdown
@@ -122,6 +123,7 @@ class Run:
     steps_per_epoch: int
     current_plan: BatchPlan
     latent_cache: object = None  # trainers/lokr/data/latent_cache.py; None: encode the images
+    bucket_rows: object = None   # each index row's bucket (data.bucket_no_upscale gives smaller ones)
 
     @property
     def global_batch(self) -> int:
@@ -131,7 +133,7 @@ class Run:
         """The batch plan of ``epoch`` (the last one made is kept: it is seconds of work at 5 M rows)."""
         if self.current_plan.epoch != epoch:
             self.current_plan = BatchPlan(self.index, self.global_batch, self.cfg["train"]["seed"], epoch,
-                                          self.buckets)
+                                          self.buckets, self.bucket_rows)
         return self.current_plan
 
 
@@ -152,8 +154,7 @@ def setup(cfg: dict, shards, output, *, resume=None, allow_config_change: bool =
         raise HakubooruError("train.mixed_precision = \"fp16\" needs a CUDA GPU; on the CPU use \"no\" "
                              "(--set train.mixed_precision=no) or --config tiny")
     index = load_index(shards)
-    buckets = make_buckets(area=dc["resolution"] ** 2, min_side=dc["bucket_min"],
-                           max_side=dc["bucket_max"], step=dc["bucket_step"])
+    buckets, bucket_rows = config_buckets(dc, index.width, index.height)
 
     chosen, lines = prediction.resolve(cfg["model"], prediction.detect(cfg["model"]["pretrained"],
                                                                       cfg["model"]["config"]))
@@ -192,7 +193,7 @@ def setup(cfg: dict, shards, output, *, resume=None, allow_config_change: bool =
     if resume is not None:
         progress = _restore(cfg, d, index, resume, allow_config_change, sdxl, network, optimizer, scaler)
     global_batch = tc["batch_size"] * d.world_size
-    plan = BatchPlan(index, global_batch, tc["seed"], progress.epoch, buckets)
+    plan = BatchPlan(index, global_batch, tc["seed"], progress.epoch, buckets, bucket_rows)
     steps_per_epoch = len(plan) // tc["grad_accum"]  # the same every epoch: bucket sizes do not change
     if steps_per_epoch == 0:
         raise HakubooruError(f"{shards}: {len(index)} samples give {len(plan)} full batches of {global_batch} "
@@ -202,7 +203,7 @@ def setup(cfg: dict, shards, output, *, resume=None, allow_config_change: bool =
     tags = metadata.tag_frequency(shards, index) if d.is_main else {}
     cache = open_cache(cfg, shards, index, sdxl.vae, log=d.is_main)
     return Run(cfg, d, Path(shards), Path(output), index, buckets, sdxl, network, optimizer, scaler,
-               base_lrs, base_hash, tags, progress, total, steps_per_epoch, plan, cache)
+               base_lrs, base_hash, tags, progress, total, steps_per_epoch, plan, cache, bucket_rows)
 
 
 def _restore(cfg, d, index, resume, allow_config_change, sdxl, network, optimizer, scaler) -> Progress:
@@ -291,7 +292,9 @@ def micro_batch_loss(run: Run, batch: dict, micro_step: int) -> torch.Tensor:
         latents = encode_latents(sdxl.vae, pixels, draws.latent_eps, run.cfg["data"]["vae_batch_size"])
     noisy = scheduler.add_noise(latents, noise, timesteps)
     with torch.autocast(**amp), torch.set_grad_enabled(tc["train_text_encoders"]):
-        context, pooled = encode_prompts(sdxl, batch["captions"], max_windows=run.cfg["data"]["max_windows"])
+        captions = drop_captions(batch["captions"], batch["ids"], seed=tc["seed"], micro_step=micro_step,
+                                 rate=run.cfg["data"]["caption_dropout"])
+        context, pooled = encode_prompts(sdxl, captions, max_windows=run.cfg["data"]["max_windows"])
     with torch.autocast(**amp):
         pred = sdxl.unet(noisy, timesteps, encoder_hidden_states=context,
                          added_cond_kwargs={"text_embeds": pooled, "time_ids": batch["time_ids"].to(device)}).sample

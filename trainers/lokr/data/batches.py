@@ -43,14 +43,17 @@ class BatchPlan:
     the batches are then ordered by hash(seed, epoch, bucket, batch number). Rank r of W takes
     ``plan[i][r*b:(r+1)*b]`` with b = global_batch / W."""
 
-    def __init__(self, index: ShardIndex, global_batch: int, seed: int, epoch: int, buckets):
+    def __init__(self, index: ShardIndex, global_batch: int, seed: int, epoch: int, buckets,
+                 assignment: np.ndarray | None = None):
         if global_batch <= 0:
             raise HakubooruError(f"batch size must be positive, got {global_batch}")
         if len(buckets) > np.iinfo(np.uint16).max:
             raise HakubooruError(f"too many buckets ({len(buckets)})")
         self.global_batch, self.seed, self.epoch = int(global_batch), int(seed), int(epoch)
         self.buckets = [tuple(map(int, b)) for b in buckets]
-        bucket = assign_buckets(index.width, index.height, self.buckets).astype(np.uint16)
+        # each row's bucket: the nearest aspect ratio, unless given (bucketing.config_buckets)
+        bucket = (assign_buckets(index.width, index.height, self.buckets) if assignment is None
+                  else assignment).astype(np.uint16)
         # The hash is a bijection of the (unique) ids, so the keys have no ties and any sort
         # algorithm gives the same order; the stable sort by bucket keeps it (radix sort).
         by_key = np.argsort(hash64_array(hash64(seed, epoch, _ORDER_STREAM), index.ids))
