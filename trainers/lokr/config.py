@@ -30,7 +30,9 @@ FREE_ON_RESUME = {"data.workers", "train.ddp_timeout", "train.save_every", "trai
                   "sample.negative_prompt", "sample.prompts"}
 # What a state written before a key existed meant by it (the network before Kohaku XL Delta's
 # groups: no norm offsets, the new groups not wrapped).
-LEGACY_DEFAULTS = {"lokr.train_norm": False, "model.prediction_type": "auto", "model.zero_terminal_snr": "auto", **{f"lokr.factors.{g}": 0 for g in (
+LEGACY_DEFAULTS = {"lokr.train_norm": False, "model.prediction_type": "auto", "model.zero_terminal_snr": "auto",
+                   "optimizer.schedule": "constant", "optimizer.cycles": 1, "data.caption_dropout": 0.0,
+                   "data.bucket_no_upscale": False, "ema.decay": 0.0, "ema.every": 1, "ema.device": "cpu", **{f"lokr.factors.{g}": 0 for g in (
     "Transformer2DModel", "Downsample2D", "Upsample2D", "conv_in_out", "embeddings")}}
 # Keys that only decide how long the run goes on: accepted on resume with --allow-config-change.
 SAFE_ON_RESUME = {"train.max_steps", "train.epochs"}
@@ -47,6 +49,7 @@ _CHOICES = {
                        "DDIMScheduler", "UniPCMultistepScheduler", "HeunDiscreteScheduler"),
     "data.latent_cache": ("auto", "off", "require"),
     "data.on_corrupt": ("error", "skip"),
+    "ema.device": ("cpu", "gpu"),
 }
 _BOOL_OR_AUTO = {"model.zero_terminal_snr"}  # "auto" (from the base) or a boolean
 # (dotted key, lowest allowed value, exclusive?)
@@ -61,7 +64,8 @@ _LOWER_BOUNDS = [
     ("train.save_every", 1, False), ("train.keep_states", 1, False),
     ("train.checkpoint_every", 1, False), ("train.ddp_timeout", 0, True), ("optimizer.lr_unet", 0, True),
     ("optimizer.lr_text", 0, True), ("optimizer.weight_decay", 0, False),
-    ("optimizer.warmup_steps", 0, False), ("optimizer.cycles", 1, False), ("sample.every", 0, False),
+    ("optimizer.warmup_steps", 0, False), ("optimizer.cycles", 1, False),
+    ("ema.decay", 0, False), ("ema.every", 1, False), ("sample.every", 0, False),
 ]
 
 
@@ -148,6 +152,8 @@ def validate(cfg: dict) -> None:
     if not flat["data.bucket_min"] <= flat["data.resolution"] <= flat["data.bucket_max"]:
         raise HakubooruError("config: need data.bucket_min ≤ data.resolution ≤ data.bucket_max "
                              f"(got {flat['data.bucket_min']}, {flat['data.resolution']}, {flat['data.bucket_max']})")
+    if flat["ema.decay"] >= 1:
+        raise HakubooruError(f"config key 'ema.decay' must be < 1, 0 = off (got {flat['ema.decay']})")
     if flat["data.caption_dropout"] > 1:
         raise HakubooruError(f"config key 'data.caption_dropout' must be ≤ 1 (got {flat['data.caption_dropout']})")
     if flat["data.tag_dropout"] >= 1:

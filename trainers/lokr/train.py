@@ -40,6 +40,7 @@ from trainers.lokr.network.lokr import (create_lokr, init_from_lokr, lokr_param_
                                    save_lokr)
 from trainers.lokr.state import load_latest_state, save_state, state_dir
 from trainers.lokr.observe.tblog import ScalarLog
+from trainers.lokr.optim.ema import EMA
 from trainers.lokr.optim.optimizers import check_bitsandbytes, make_optimizer, prodigy_class
 from trainers.lokr.optim.schedule import lr_factor as schedule_factor
 from trainers.lokr.sdxl.text import encode_prompts
@@ -124,6 +125,7 @@ class Run:
     current_plan: BatchPlan
     latent_cache: object = None  # trainers/lokr/data/latent_cache.py; None: encode the images
     bucket_rows: object = None   # each index row's bucket (data.bucket_no_upscale gives smaller ones)
+    ema: EMA | None = None       # [ema], on the main rank
 
     @property
     def global_batch(self) -> int:
@@ -189,9 +191,12 @@ def setup(cfg: dict, shards, output, *, resume=None, allow_config_change: bool =
     scaler = torch.amp.GradScaler(d.device.type, enabled=tc["mixed_precision"] == "fp16")
     base_lrs = [g["lr"] for g in optimizer.param_groups]  # before a resume loads warmed-up ones
 
+    ec = cfg["ema"]
+    ema = EMA(network, ec["decay"], ec["every"], d.device if ec["device"] == "gpu" else "cpu") \
+        if ec["decay"] > 0 and d.is_main else None
     progress = Progress(started_at=metadata.training_start_time())
     if resume is not None:
-        progress = _restore(cfg, d, index, resume, allow_config_change, sdxl, network, optimizer, scaler)
+        progress = _restore(cfg, d, index, resume, allow_config_change, sdxl, network, optimizer, scaler, ema)
     global_batch = tc["batch_size"] * d.world_size
     plan = BatchPlan(index, global_batch, tc["seed"], progress.epoch, buckets, bucket_rows)
     steps_per_epoch = len(plan) // tc["grad_accum"]  # the same every epoch: bucket sizes do not change
@@ -203,10 +208,10 @@ def setup(cfg: dict, shards, output, *, resume=None, allow_config_change: bool =
     tags = metadata.tag_frequency(shards, index) if d.is_main else {}
     cache = open_cache(cfg, shards, index, sdxl.vae, log=d.is_main)
     return Run(cfg, d, Path(shards), Path(output), index, buckets, sdxl, network, optimizer, scaler,
-               base_lrs, base_hash, tags, progress, total, steps_per_epoch, plan, cache, bucket_rows)
+               base_lrs, base_hash, tags, progress, total, steps_per_epoch, plan, cache, bucket_rows, ema)
 
 
-def _restore(cfg, d, index, resume, allow_config_change, sdxl, network, optimizer, scaler) -> Progress:
+def _restore(cfg, d, index, resume, allow_config_change, sdxl, network, optimizer, scaler, ema) -> Progress:
     path, state = load_latest_state(state_dir(resume))
     if state["dataset_fingerprint"] != index.fingerprint:
         raise HakubooruError(f"{path} was written for another dataset (fingerprint {state['dataset_fingerprint'][:12]}…, "
@@ -219,6 +224,8 @@ def _restore(cfg, d, index, resume, allow_config_change, sdxl, network, optimize
     network.load_state_dict({k: v.to(d.device) for k, v in lokr.items()})
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
+    if ema is not None:
+        ema.load_state_dict(state["ema"])
     if d.is_main:
         note = f" (config keys changed: {', '.join(changed)})" if changed else ""
         print(f"resuming from {path}: step {state['step']}, epoch {state['epoch']}, batch {state['cursor']}{note}",
@@ -237,6 +244,7 @@ def state_payload(run: Run) -> dict:
         "scaler": run.scaler.state_dict(), "config": config_json(run.cfg),
         "config_fingerprint": config_fingerprint(run.cfg), "dataset_fingerprint": run.index.fingerprint,
         "world_size": run.dist.world_size, "started_at": p.started_at,
+        **({"ema": run.ema.state_dict()} if run.ema is not None else {}),
     }
 
 
@@ -258,6 +266,11 @@ def write_lokr(run: Run, path: Path) -> Path:
     lc = run.cfg["lokr"]
     meta = lokr_metadata(run)
     write_atomic(path.parent / metadata.PRESET_FILE, meta["lycoris_preset"].encode())  # ss_network_args' preset=
+    if run.ema is not None:  # lokr-ema.safetensors beside lokr.safetensors, lokr-ema-N beside lokr-N
+        with run.ema.applied(run.network):
+            save_lokr(run.network, path.with_name(path.name.replace("lokr", "lokr-ema", 1)),
+                      {**meta, "ema_decay": str(run.ema.decay), "ema_every": str(run.ema.every)},
+                      unet=run.sdxl.unet, dtype=lc["save_dtype"], naming=lc["naming"])
     return save_lokr(run.network, path, meta, unet=run.sdxl.unet, dtype=lc["save_dtype"], naming=lc["naming"])
 
 
@@ -385,6 +398,8 @@ def _loop(run: Run) -> dict:
                     scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 p.step += 1
+                if run.ema is not None and run.ema.due(p.step):
+                    run.ema.update(run.network)
 
                 finite_micro = d.world_size * accum - float(totals[1]) - float(totals[4])
                 loss_value = float(totals[0]) / finite_micro if finite_micro else float("nan")
