@@ -24,7 +24,7 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 BUNDLED = sorted(p.stem for p in CONFIG_DIR.glob("*.toml"))
 
 # Keys whose change cannot alter the result of a resumed run: accepted on resume without a flag.
-FREE_ON_RESUME = {"data.workers", "train.ddp_timeout", "train.save_every", "train.keep_states", "train.checkpoint_every",
+FREE_ON_RESUME = {"data.workers", "validation.every", "train.ddp_timeout", "train.save_every", "train.keep_states", "train.checkpoint_every",
                   "train.max_nonfinite_in_row", "lokr.naming", "train.log_with", "sample.every", "sample.at_end",
                   "sample.sampler", "sample.width", "sample.height", "sample.steps", "sample.guidance",
                   "sample.negative_prompt", "sample.prompts"}
@@ -32,7 +32,8 @@ FREE_ON_RESUME = {"data.workers", "train.ddp_timeout", "train.save_every", "trai
 # groups: no norm offsets, the new groups not wrapped).
 LEGACY_DEFAULTS = {"lokr.train_norm": False, "model.prediction_type": "auto", "model.zero_terminal_snr": "auto",
                    "optimizer.schedule": "constant", "optimizer.cycles": 1, "data.caption_dropout": 0.0,
-                   "data.bucket_no_upscale": False, "ema.decay": 0.0, "ema.every": 1, "ema.device": "cpu", **{f"lokr.factors.{g}": 0 for g in (
+                   "data.bucket_no_upscale": False, "ema.decay": 0.0, "ema.every": 1, "ema.device": "cpu",
+                   "validation.samples": 0, "validation.every": 500, **{f"lokr.factors.{g}": 0 for g in (
     "Transformer2DModel", "Downsample2D", "Upsample2D", "conv_in_out", "embeddings")}}
 # Keys that only decide how long the run goes on: accepted on resume with --allow-config-change.
 SAFE_ON_RESUME = {"train.max_steps", "train.epochs"}
@@ -65,7 +66,7 @@ _LOWER_BOUNDS = [
     ("train.checkpoint_every", 1, False), ("train.ddp_timeout", 0, True), ("optimizer.lr_unet", 0, True),
     ("optimizer.lr_text", 0, True), ("optimizer.weight_decay", 0, False),
     ("optimizer.warmup_steps", 0, False), ("optimizer.cycles", 1, False),
-    ("ema.decay", 0, False), ("ema.every", 1, False), ("sample.every", 0, False),
+    ("ema.decay", 0, False), ("ema.every", 1, False), ("validation.samples", 0, False), ("validation.every", 0, False), ("sample.every", 0, False),
 ]
 
 

@@ -40,6 +40,7 @@ from trainers.lokr.network.lokr import (create_lokr, init_from_lokr, lokr_param_
                                    save_lokr)
 from trainers.lokr.state import load_latest_state, save_state, state_dir
 from trainers.lokr.observe.tblog import ScalarLog
+from trainers.lokr.observe.validation import Validation
 from trainers.lokr.optim.ema import EMA
 from trainers.lokr.optim.optimizers import check_bitsandbytes, make_optimizer, prodigy_class
 from trainers.lokr.optim.schedule import lr_factor as schedule_factor
@@ -126,6 +127,7 @@ class Run:
     latent_cache: object = None  # trainers/lokr/data/latent_cache.py; None: encode the images
     bucket_rows: object = None   # each index row's bucket (data.bucket_no_upscale gives smaller ones)
     ema: EMA | None = None       # [ema], on the main rank
+    validation: Validation | None = None  # [validation]: the held-out samples
 
     @property
     def global_batch(self) -> int:
@@ -135,7 +137,7 @@ class Run:
         """The batch plan of ``epoch`` (the last one made is kept: it is seconds of work at 5 M rows)."""
         if self.current_plan.epoch != epoch:
             self.current_plan = BatchPlan(self.index, self.global_batch, self.cfg["train"]["seed"], epoch,
-                                          self.buckets, self.bucket_rows)
+                                          self.buckets, self.bucket_rows, self.validation.training_rows())
         return self.current_plan
 
 
@@ -157,6 +159,9 @@ def setup(cfg: dict, shards, output, *, resume=None, allow_config_change: bool =
                              "(--set train.mixed_precision=no) or --config tiny")
     index = load_index(shards)
     buckets, bucket_rows = config_buckets(dc, index.width, index.height)
+    if cfg["validation"]["samples"] >= len(index):
+        raise HakubooruError(f"validation.samples = {cfg['validation']['samples']} leaves nothing to train on: "
+                             f"{shards} has {len(index)} samples")
 
     chosen, lines = prediction.resolve(cfg["model"], prediction.detect(cfg["model"]["pretrained"],
                                                                       cfg["model"]["config"]))
@@ -198,7 +203,9 @@ def setup(cfg: dict, shards, output, *, resume=None, allow_config_change: bool =
     if resume is not None:
         progress = _restore(cfg, d, index, resume, allow_config_change, sdxl, network, optimizer, scaler, ema)
     global_batch = tc["batch_size"] * d.world_size
-    plan = BatchPlan(index, global_batch, tc["seed"], progress.epoch, buckets, bucket_rows)
+    validation = Validation(cfg, index, buckets, bucket_rows, sdxl.noise_scheduler.config.num_train_timesteps)
+    plan = BatchPlan(index, global_batch, tc["seed"], progress.epoch, buckets, bucket_rows,
+                     validation.training_rows())
     steps_per_epoch = len(plan) // tc["grad_accum"]  # the same every epoch: bucket sizes do not change
     if steps_per_epoch == 0:
         raise HakubooruError(f"{shards}: {len(index)} samples give {len(plan)} full batches of {global_batch} "
@@ -208,7 +215,8 @@ def setup(cfg: dict, shards, output, *, resume=None, allow_config_change: bool =
     tags = metadata.tag_frequency(shards, index) if d.is_main else {}
     cache = open_cache(cfg, shards, index, sdxl.vae, log=d.is_main)
     return Run(cfg, d, Path(shards), Path(output), index, buckets, sdxl, network, optimizer, scaler,
-               base_lrs, base_hash, tags, progress, total, steps_per_epoch, plan, cache, bucket_rows, ema)
+               base_lrs, base_hash, tags, progress, total, steps_per_epoch, plan, cache, bucket_rows, ema,
+               validation)
 
 
 def _restore(cfg, d, index, resume, allow_config_change, sdxl, network, optimizer, scaler, ema) -> Progress:
@@ -287,8 +295,9 @@ def train(cfg: dict, shards, output, *, resume=None, allow_config_change: bool =
         shutdown(run.dist)
 
 
-def micro_batch_loss(run: Run, batch: dict, micro_step: int) -> torch.Tensor:
-    """The min-SNR-weighted loss of one micro-batch (recipe §3–4), to ε or v as the base predicts."""
+def micro_batch_loss(run: Run, batch: dict, micro_step: int, held_out: bool = False) -> torch.Tensor:
+    """The min-SNR-weighted loss of one micro-batch (recipe §3–4), to ε or v as the base predicts;
+    ``held_out``: a validation batch (its fixed draws, no caption dropout)."""
     sdxl, tc, device = run.sdxl, run.cfg["train"], run.dist.device
     scheduler = sdxl.noise_scheduler
     amp = dict(device_type=device.type, dtype=AMP_DTYPES[tc["mixed_precision"]], enabled=tc["mixed_precision"] != "no")
@@ -296,17 +305,20 @@ def micro_batch_loss(run: Run, batch: dict, micro_step: int) -> torch.Tensor:
     pixels = None if cached else batch["pixel_values"].to(device)
     latent_shape = tuple(batch["latent_mean"].shape[1:]) if cached else (
         sdxl.unet.config.in_channels, pixels.shape[2] // 8, pixels.shape[3] // 8)
-    draws = sample_draws(tc["seed"], micro_step, batch["ids"], latent_shape, scheduler.config.num_train_timesteps,
-                         tc["noise_offset"])
+    if held_out:
+        draws = Draws(*run.validation.draws(batch["ids"], latent_shape, tc["noise_offset"]))
+    else:
+        draws = sample_draws(tc["seed"], micro_step, batch["ids"], latent_shape,
+                             scheduler.config.num_train_timesteps, tc["noise_offset"])
     timesteps, noise = draws.timesteps.to(device), draws.noise.to(device)
     if cached:
         latents = cached_latents(batch, draws.latent_eps, sdxl.vae.config.scaling_factor, device)
     else:  # VAE in fp32, outside autocast, in sub-batches of data.vae_batch_size
         latents = encode_latents(sdxl.vae, pixels, draws.latent_eps, run.cfg["data"]["vae_batch_size"])
     noisy = scheduler.add_noise(latents, noise, timesteps)
-    with torch.autocast(**amp), torch.set_grad_enabled(tc["train_text_encoders"]):
+    with torch.autocast(**amp), torch.set_grad_enabled(tc["train_text_encoders"] and not held_out):
         captions = drop_captions(batch["captions"], batch["ids"], seed=tc["seed"], micro_step=micro_step,
-                                 rate=run.cfg["data"]["caption_dropout"])
+                                 rate=0.0 if held_out else run.cfg["data"]["caption_dropout"])
         context, pooled = encode_prompts(sdxl, captions, max_windows=run.cfg["data"]["max_windows"])
     with torch.autocast(**amp):
         pred = sdxl.unet(noisy, timesteps, encoder_hidden_states=context,
@@ -314,6 +326,17 @@ def micro_batch_loss(run: Run, batch: dict, micro_step: int) -> torch.Tensor:
     weights = min_snr_weights(scheduler.alphas_cumprod.to(device), timesteps, tc["min_snr_gamma"],
                               scheduler.config.prediction_type)
     return diffusion_loss(pred, prediction.target(scheduler, latents, noise, timesteps), weights)
+
+
+def validation_loss(run: Run) -> float:
+    """The held-out loss (trainers/lokr/observe/validation.py): fixed draws, stored captions as
+    they are, centre crops; every rank scores its share."""
+    tc, dc = run.cfg["train"], run.cfg["data"]
+    dataset = batch_dataset(run.latent_cache)(
+        run.shards, run.index, run.validation.plan, rank=0, world_size=1, seed=tc["seed"], epoch=0,
+        random_crop=False, shuffle_tags=False, tag_dropout=0.0, keep_tokens=dc["keep_tokens"],
+        keep_separator=dc["keep_separator"] or None, on_corrupt=dc["on_corrupt"])
+    return run.validation.loss(dataset, lambda batch: micro_batch_loss(run, batch, 0, held_out=True), run.dist)
 
 
 def _loop(run: Run) -> dict:
@@ -329,6 +352,8 @@ def _loop(run: Run) -> dict:
     metrics_path = run.output / "metrics.jsonl"
     if d.is_main:
         _trim_metrics(metrics_path, p.step)
+        if len(run.validation.rows):
+            run.validation.write(run.output)
     scalars = ScalarLog(cfg, run.output, d.is_main, p.step)
 
     stop = {"signal": None}
@@ -342,6 +367,7 @@ def _loop(run: Run) -> dict:
 
     bar = tqdm(total=run.total_steps, initial=p.step, unit="step", disable=not d.is_main, dynamic_ncols=True)
     loss_value, start_step, start_time = float("nan"), p.step, time.perf_counter()
+    val_loss = None
     saved = None  # the step of this run's last state
     try:
         while p.step < run.total_steps and stop["signal"] is None:
@@ -407,6 +433,9 @@ def _loop(run: Run) -> dict:
                 line = {"step": p.step, "epoch": p.epoch, "loss": _finite_or_none(loss_value),
                         "lr_unet": group_lr(optimizer, "unet"), "lr_text": group_lr(optimizer, "text"),
                         "grad_norm": _finite_or_none(grad_norm), "images_per_s": images_per_s, "skipped": p.skipped}
+                if run.validation.due(p.step, run.total_steps):
+                    val_loss = validation_loss(run)
+                    line["val_loss"] = _finite_or_none(val_loss)
                 if d.is_main:
                     line_at = _append_line(metrics_path, line)
                     scalars.write(line)
@@ -442,7 +471,8 @@ def _loop(run: Run) -> dict:
         final = write_lokr(run, run.output / "lokr.safetensors")
     done = p.step - start_step
     summary = {"step": p.step, "epoch": p.epoch, "steps_this_run": done, "images_this_run": done * images_per_step,
-               "skipped": p.skipped, "corrupt_skipped": p.corrupt, "loss": loss_value, "interrupted_by": stop["signal"],
+               "skipped": p.skipped, "corrupt_skipped": p.corrupt, "loss": loss_value, "val_loss": val_loss,
+               "interrupted_by": stop["signal"],
                "seconds": time.perf_counter() - start_time, "lokr": str(final) if final else None}
     if d.is_main:
         end = (f"stopped by {stop['signal']} at step {p.step}; resume with --resume {run.output}"

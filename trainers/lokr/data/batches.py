@@ -44,7 +44,7 @@ class BatchPlan:
     ``plan[i][r*b:(r+1)*b]`` with b = global_batch / W."""
 
     def __init__(self, index: ShardIndex, global_batch: int, seed: int, epoch: int, buckets,
-                 assignment: np.ndarray | None = None):
+                 assignment: np.ndarray | None = None, keep: np.ndarray | None = None):
         if global_batch <= 0:
             raise HakubooruError(f"batch size must be positive, got {global_batch}")
         if len(buckets) > np.iinfo(np.uint16).max:
@@ -57,6 +57,8 @@ class BatchPlan:
         # The hash is a bijection of the (unique) ids, so the keys have no ties and any sort
         # algorithm gives the same order; the stable sort by bucket keeps it (radix sort).
         by_key = np.argsort(hash64_array(hash64(seed, epoch, _ORDER_STREAM), index.ids))
+        if keep is not None:  # a mask of the rows to plan (held-out validation samples are not)
+            by_key = by_key[keep[by_key]]
         rows = by_key[np.argsort(bucket[by_key], kind="stable")]
         sorted_bucket = bucket[rows]
         counts = np.bincount(sorted_bucket, minlength=len(self.buckets))

@@ -90,12 +90,17 @@ def render(run: Path, lines: list[dict]) -> str:
         ["last loss", loss[-1]], ["last smoothed loss", smoothed[-1]],
         ["mean loss, last 10 % of steps", sum(tail) / len(tail) if tail else None],
         ["skipped steps (non-finite loss)", lines[-1].get("skipped", 0)],
+        ["last validation loss", next((x["val_loss"] for x in reversed(lines) if x.get("val_loss") is not None),
+                                      None)],
         ["median images/s", sorted(speeds)[len(speeds) // 2] if speeds else None],
     ], id="summary")
     charts = h.row(
         _line_chart(steps, {"raw": (loss, {"color": "#9db4d8", "linewidth": 0.8}),
                             f"smoothed ({SMOOTHING})": (smoothed, {"color": "#1f4e99", "linewidth": 1.6})},
                     "loss", "loss"),
+        *([_line_chart(steps, {"held-out": ([x.get("val_loss") for x in lines], {"marker": "o", "markersize": 3})},
+                       "validation loss (fixed noise and timesteps)", "loss")]
+          if any(x.get("val_loss") is not None for x in lines) else []),
         _line_chart(steps, {"UNet": ([x.get("lr_unet") for x in lines], {}),
                             "text encoders": ([x.get("lr_text") for x in lines], {"linestyle": "--"})},
                     "learning rate", "lr"),

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from hakubooru.errors import HakubooruError
 
-SCALARS = ("loss", "lr_unet", "lr_text", "grad_norm", "images_per_s", "skipped")
+SCALARS = ("loss", "lr_unet", "lr_text", "grad_norm", "images_per_s", "skipped", "val_loss")
 
 
 class ScalarLog:
