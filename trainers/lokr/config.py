@@ -228,12 +228,13 @@ def config_fingerprint(cfg: dict) -> str:
     return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()
 
 
-def check_resume_config(saved: dict, cfg: dict, allow_change: bool) -> list[str]:
+def check_resume_config(saved: dict, cfg: dict, allow_change: bool, also_free=frozenset()) -> list[str]:
     """Refuse to resume a state written under another config. Returns the changed keys that
-    were accepted; raises naming the keys that make the state unusable."""
+    were accepted; raises naming the keys that make the state unusable. ``also_free``: keys
+    this resume may change (an elastic resume's per-GPU batch and accumulation)."""
     old, new = {**LEGACY_DEFAULTS, **flatten(saved)}, flatten(cfg)
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-    unsafe = [k for k in changed if k not in FREE_ON_RESUME | SAFE_ON_RESUME]
+    unsafe = [k for k in changed if k not in FREE_ON_RESUME | SAFE_ON_RESUME | set(also_free)]
     if unsafe:
         detail = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in unsafe)
         raise HakubooruError(f"the state was written under another config ({detail}); resume with the "

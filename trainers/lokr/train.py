@@ -29,7 +29,7 @@ from trainers.lokr.sdxl.prediction import min_snr_weights
 from trainers.lokr.observe import sampling
 from trainers.lokr.data.bucketing import config_buckets
 from trainers.lokr.config import check_resume_config, config_fingerprint, config_json
-from trainers.lokr.data.batches import BatchPlan, make_loader
+from trainers.lokr.data.batches import BatchPlan, PlanView, make_loader
 from trainers.lokr.data.caption_dropout import drop_captions
 from trainers.lokr.data.index import load_index
 from trainers.lokr.data.vae_encode import encode_latents
@@ -38,7 +38,7 @@ from trainers.lokr.data.latent_cache import batch_dataset, cached_latents, open_
 from trainers.lokr.network.naming import to_diffusers
 from trainers.lokr.network.lokr import (create_lokr, init_from_lokr, lokr_param_groups, lokr_preset, lokr_state_dict,
                                    save_lokr)
-from trainers.lokr.state import load_latest_state, save_state, state_dir
+from trainers.lokr.state import elastic_resume, load_latest_state, save_state, state_dir
 from trainers.lokr.observe.tblog import ScalarLog
 from trainers.lokr.observe.validation import Validation
 from trainers.lokr.optim.ema import EMA
@@ -101,6 +101,7 @@ class Progress:
     nonfinite_in_row: int = 0
     started_at: float = 0.0    # when the run first started (LoKr metadata); kept on resume
     corrupt: int = 0           # samples left out for damaged bytes (data.on_corrupt = "skip")
+    plan_batch: int = 0        # rows per batch of the epoch plan: per-GPU batch × GPUs at the first start
 
 
 @dataclass
@@ -131,12 +132,33 @@ class Run:
 
     @property
     def global_batch(self) -> int:
+        """Rows per micro-step over all ranks."""
         return self.cfg["train"]["batch_size"] * self.dist.world_size
+
+    @property
+    def plan_accum(self) -> int:
+        """Plan batches per optimizer step (the grad_accum of the run's first start)."""
+        return self.global_batch * self.cfg["train"]["grad_accum"] // self.progress.plan_batch
+
+    def rank_plan(self, epoch: int):
+        """This rank's reading of the epoch's plan: the plan itself, or a view in micro-steps of
+        another size after an elastic resume."""
+        plan = self.plan(epoch)
+        if self.global_batch == plan.global_batch:
+            return plan
+        return PlanView(plan, self.global_batch, self.dist.rank, self.cfg["train"]["batch_size"])
+
+    def draw_step(self, step: int, k: int) -> int:
+        """The micro-step that keys this rank's draws in micro-step ``k`` of optimizer step
+        ``step``: the index of its plan batch (the micro-step of the first start's run)."""
+        tc = self.cfg["train"]
+        offset = k * self.global_batch + self.dist.rank * tc["batch_size"]
+        return step * self.plan_accum + offset // self.progress.plan_batch
 
     def plan(self, epoch: int) -> BatchPlan:
         """The batch plan of ``epoch`` (the last one made is kept: it is seconds of work at 5 M rows)."""
         if self.current_plan.epoch != epoch:
-            self.current_plan = BatchPlan(self.index, self.global_batch, self.cfg["train"]["seed"], epoch,
+            self.current_plan = BatchPlan(self.index, self.progress.plan_batch, self.cfg["train"]["seed"], epoch,
                                           self.buckets, self.bucket_rows, self.validation.training_rows())
         return self.current_plan
 
@@ -203,10 +225,12 @@ def setup(cfg: dict, shards, output, *, resume=None, allow_config_change: bool =
     if resume is not None:
         progress = _restore(cfg, d, index, resume, allow_config_change, sdxl, network, optimizer, scaler, ema)
     global_batch = tc["batch_size"] * d.world_size
+    progress.plan_batch = progress.plan_batch or global_batch
+    plan_accum = global_batch * tc["grad_accum"] // progress.plan_batch
     validation = Validation(cfg, index, buckets, bucket_rows, sdxl.noise_scheduler.config.num_train_timesteps)
-    plan = BatchPlan(index, global_batch, tc["seed"], progress.epoch, buckets, bucket_rows,
+    plan = BatchPlan(index, progress.plan_batch, tc["seed"], progress.epoch, buckets, bucket_rows,
                      validation.training_rows())
-    steps_per_epoch = len(plan) // tc["grad_accum"]  # the same every epoch: bucket sizes do not change
+    steps_per_epoch = len(plan) // plan_accum  # the same every epoch: bucket sizes do not change
     if steps_per_epoch == 0:
         raise HakubooruError(f"{shards}: {len(index)} samples give {len(plan)} full batches of {global_batch} "
                              f"per epoch, fewer than one optimizer step ({tc['grad_accum']} batches)")
@@ -224,10 +248,9 @@ def _restore(cfg, d, index, resume, allow_config_change, sdxl, network, optimize
     if state["dataset_fingerprint"] != index.fingerprint:
         raise HakubooruError(f"{path} was written for another dataset (fingerprint {state['dataset_fingerprint'][:12]}…, "
                              f"these shards: {index.fingerprint[:12]}…); resume on the same --shards")
-    if state["world_size"] != d.world_size:
-        raise HakubooruError(f"{path} was written by {state['world_size']} process(es); resume with the same "
-                             f"number (this run has {d.world_size})")
-    changed = check_resume_config(json.loads(state["config"]), cfg, allow_config_change)
+    saved_cfg = json.loads(state["config"])
+    elastic = elastic_resume(path, state, saved_cfg, cfg, d.world_size)
+    changed = check_resume_config(saved_cfg, cfg, allow_config_change, also_free=elastic.free_keys)
     lokr, _ = to_diffusers(state["lokr"], sdxl.unet)  # states keep diffusers-path names; accept either
     network.load_state_dict({k: v.to(d.device) for k, v in lokr.items()})
     optimizer.load_state_dict(state["optimizer"])
@@ -238,8 +261,11 @@ def _restore(cfg, d, index, resume, allow_config_change, sdxl, network, optimize
         note = f" (config keys changed: {', '.join(changed)})" if changed else ""
         print(f"resuming from {path}: step {state['step']}, epoch {state['epoch']}, batch {state['cursor']}{note}",
               file=sys.stderr)
-    return Progress(state["step"], state["epoch"], state["cursor"], state["skipped"], state["nonfinite_in_row"],
-                    state.get("started_at", metadata.training_start_time()), state.get("corrupt", 0))
+        if elastic.line:
+            print(elastic.line, file=sys.stderr)
+    return Progress(state["step"], state["epoch"], elastic.cursor, state["skipped"], state["nonfinite_in_row"],
+                    state.get("started_at", metadata.training_start_time()), state.get("corrupt", 0),
+                    elastic.plan_batch)
 
 
 def state_payload(run: Run) -> dict:
@@ -251,7 +277,7 @@ def state_payload(run: Run) -> dict:
         "lokr": lokr_state_dict(run.network), "optimizer": run.optimizer.state_dict(),
         "scaler": run.scaler.state_dict(), "config": config_json(run.cfg),
         "config_fingerprint": config_fingerprint(run.cfg), "dataset_fingerprint": run.index.fingerprint,
-        "world_size": run.dist.world_size, "started_at": p.started_at,
+        "world_size": run.dist.world_size, "started_at": p.started_at, "plan_batch": p.plan_batch,
         **({"ema": run.ema.state_dict()} if run.ema is not None else {}),
     }
 
@@ -373,7 +399,7 @@ def _loop(run: Run) -> dict:
         while p.step < run.total_steps and stop["signal"] is None:
             if p.cursor >= usable:
                 p.epoch, p.cursor = p.epoch + 1, 0
-            plan = run.plan(p.epoch)
+            plan = run.rank_plan(p.epoch)
             dataset = batch_dataset(run.latent_cache)(run.shards, run.index, plan, rank=d.rank, world_size=d.world_size,
                                    seed=tc["seed"], epoch=p.epoch, random_crop=dc["random_crop"],
                                    shuffle_tags=dc["shuffle_tags"], tag_dropout=dc["tag_dropout"],
@@ -391,7 +417,7 @@ def _loop(run: Run) -> dict:
                     if len(batch["ids"]) == 0:
                         totals[4] += 1
                         continue
-                    loss = micro_batch_loss(run, batch, micro_step=p.step * accum + k)
+                    loss = micro_batch_loss(run, batch, micro_step=run.draw_step(p.step, k))
                     if torch.isfinite(loss):
                         scaler.scale(loss / accum).backward()
                         totals[0] += loss.detach().double()

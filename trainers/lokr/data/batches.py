@@ -86,6 +86,30 @@ class BatchPlan:
         return self.buckets[self.batch_bucket[i]]
 
 
+class PlanView:
+    """One rank's view of a ``BatchPlan`` read in batches of ``global_batch`` rows instead of the
+    plan's own (elastic resume: a run resumed on another GPU count or per-GPU batch keeps the
+    plan of its first start). Batch ``i`` is rows ``[i·global_batch, (i+1)·global_batch)`` of the
+    plan's batches laid end to end; rank ``rank`` takes ``rank_rows`` of them, which lie in one
+    plan batch (``rank_rows`` divides the plan's batch), so ``bucket_of`` is that batch's bucket."""
+
+    def __init__(self, plan: BatchPlan, global_batch: int, rank: int, rank_rows: int):
+        if plan.global_batch % rank_rows:
+            raise HakubooruError(f"a per-GPU batch of {rank_rows} does not divide the plan's batch {plan.global_batch}")
+        self.plan, self.global_batch, self.rank, self.rank_rows = plan, int(global_batch), rank, rank_rows
+        self.seed, self.epoch, self.buckets = plan.seed, plan.epoch, plan.buckets
+        self.flat = plan.batches.reshape(-1)
+
+    def __len__(self) -> int:
+        return len(self.flat) // self.global_batch
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.flat[i * self.global_batch:(i + 1) * self.global_batch]
+
+    def bucket_of(self, i: int) -> tuple[int, int]:
+        return self.plan.bucket_of((i * self.global_batch + self.rank * self.rank_rows) // self.plan.global_batch)
+
+
 class BatchDataset(torch.utils.data.Dataset):
     """Map-style dataset: item ``i`` is this rank's collated micro-batch of global batch ``i``
     — ``pixel_values`` float32 (b,3,H,W) in [-1,1], ``captions`` list[str] (augmented),
