@@ -29,8 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
                                             "`python -m trainers.lokr convert --help` for renaming a LoKr's modules.")
     parser.add_argument("--config", default="epsilon",
                         help=f"bundled config ({', '.join(BUNDLED)}) or a TOML file (default: epsilon)")
-    parser.add_argument("--shards", help="shard folder written by `python -m hakubooru build` "
-                        "(or any webdataset folder indexed by `python -m hakubooru index`)")
+    parser.add_argument("--shards", action="append", metavar="PATH[:WEIGHT]",
+                        help="shard folder written by `python -m hakubooru build` "
+                        "(or any webdataset folder indexed by `python -m hakubooru index`); repeat it to mix "
+                        "folders, each sampled in proportion to WEIGHT (default 1) × its size")
     parser.add_argument("--pretrained", help="SDXL base model: diffusers folder or single-file .safetensors")
     parser.add_argument("--output", help="folder for LoKr files, states and metrics.jsonl "
                                          "(default: the --resume folder, else lokr-out)")

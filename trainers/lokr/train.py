@@ -16,12 +16,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from hakubooru.errors import HakubooruError
 from hakubooru.manifest import write_atomic
 from hakubooru.rng import hash64
+from hakubooru.tagcounts import ensure_tag_counts
 from trainers.lokr.network import metadata
 from trainers.lokr.sdxl.model import AMP_DTYPES, base_model_hash, load_base_model, training_scheduler
 from trainers.lokr.sdxl import prediction
@@ -31,7 +33,7 @@ from trainers.lokr.data.bucketing import config_buckets
 from trainers.lokr.config import check_resume_config, config_fingerprint, config_json
 from trainers.lokr.data.batches import BatchPlan, PlanView, make_loader
 from trainers.lokr.data.caption_dropout import drop_captions
-from trainers.lokr.data.index import load_index
+from trainers.lokr.data.mixing import Mixture, load_mixture
 from trainers.lokr.data.vae_encode import encode_latents
 from trainers.lokr.distributed import Dist, all_reduce_grads, all_reduce_sum, barrier, init_distributed, shutdown
 from trainers.lokr.data.latent_cache import batch_dataset, cached_latents, open_cache
@@ -129,6 +131,7 @@ class Run:
     bucket_rows: object = None   # each index row's bucket (data.bucket_no_upscale gives smaller ones)
     ema: EMA | None = None       # [ema], on the main rank
     validation: Validation | None = None  # [validation]: the held-out samples
+    mixture: Mixture | None = None   # the --shards folders and their weights (data/mixing.py)
 
     @property
     def global_batch(self) -> int:
@@ -158,9 +161,15 @@ class Run:
     def plan(self, epoch: int) -> BatchPlan:
         """The batch plan of ``epoch`` (the last one made is kept: it is seconds of work at 5 M rows)."""
         if self.current_plan.epoch != epoch:
-            self.current_plan = BatchPlan(self.index, self.progress.plan_batch, self.cfg["train"]["seed"], epoch,
-                                          self.buckets, self.bucket_rows, self.validation.training_rows())
+            seed = self.cfg["train"]["seed"]
+            self.current_plan = BatchPlan(self.index, self.progress.plan_batch, seed, epoch, self.buckets,
+                                          self.bucket_rows, self.validation.training_rows(),
+                                          self.mixture.counts(seed, epoch))
         return self.current_plan
+
+    def usable(self, epoch: int) -> int:
+        """Micro-steps (of this run's size) trained in ``epoch``: whole optimizer steps of its plan."""
+        return len(self.plan(epoch)) // self.plan_accum * self.cfg["train"]["grad_accum"]
 
 
 def setup(cfg: dict, shards, output, *, resume=None, allow_config_change: bool = False) -> Run:
@@ -179,7 +188,9 @@ def setup(cfg: dict, shards, output, *, resume=None, allow_config_change: bool =
     if tc["mixed_precision"] == "fp16" and d.device.type != "cuda":
         raise HakubooruError("train.mixed_precision = \"fp16\" needs a CUDA GPU; on the CPU use \"no\" "
                              "(--set train.mixed_precision=no) or --config tiny")
-    index = load_index(shards)
+    mixture = load_mixture(shards)
+    index = mixture.index
+    shards = mixture.sources[0].path
     buckets, bucket_rows = config_buckets(dc, index.width, index.height)
     if cfg["validation"]["samples"] >= len(index):
         raise HakubooruError(f"validation.samples = {cfg['validation']['samples']} leaves nothing to train on: "
@@ -229,18 +240,34 @@ def setup(cfg: dict, shards, output, *, resume=None, allow_config_change: bool =
     plan_accum = global_batch * tc["grad_accum"] // progress.plan_batch
     validation = Validation(cfg, index, buckets, bucket_rows, sdxl.noise_scheduler.config.num_train_timesteps)
     plan = BatchPlan(index, progress.plan_batch, tc["seed"], progress.epoch, buckets, bucket_rows,
-                     validation.training_rows())
-    steps_per_epoch = len(plan) // plan_accum  # the same every epoch: bucket sizes do not change
+                     validation.training_rows(), mixture.counts(tc["seed"], progress.epoch))
+    steps_per_epoch = len(plan) // plan_accum  # the same every epoch of one folder: bucket sizes do not change
     if steps_per_epoch == 0:
         raise HakubooruError(f"{shards}: {len(index)} samples give {len(plan)} full batches of {global_batch} "
                              f"per epoch, fewer than one optimizer step ({tc['grad_accum']} batches)")
     total = tc["max_steps"] or tc["epochs"] * steps_per_epoch
+    if mixture.mixed and not tc["max_steps"]:  # a mixed epoch's plan changes size a little from epoch to epoch
+        total = sum(len(BatchPlan(index, progress.plan_batch, tc["seed"], e, buckets, bucket_rows,
+                                  validation.training_rows(), mixture.counts(tc["seed"], e))) // plan_accum
+                    for e in range(tc["epochs"]))
     base_hash = base_model_hash(cfg["model"]["pretrained"]) if d.is_main else ""  # for LoKr metadata
-    tags = metadata.tag_frequency(shards, index) if d.is_main else {}
-    cache = open_cache(cfg, shards, index, sdxl.vae, log=d.is_main)
+    if len(mixture.sources) > 1:
+        if cfg["data"]["latent_cache"] == "require":
+            raise HakubooruError("data.latent_cache = \"require\" with several --shards: a latent cache serves one "
+                                 "shard folder; set data.latent_cache = \"off\" or train on one folder")
+        cache = None
+        tags = {}
+        if d.is_main:
+            for src, fp in zip(mixture.sources, mixture.fingerprints):
+                for tag, n in ensure_tag_counts(src.path, fp).items():
+                    tags[tag] = tags.get(tag, 0) + n
+            tags = dict(sorted(tags.items(), key=lambda kv: -kv[1]))
+    else:
+        tags = metadata.tag_frequency(shards, index) if d.is_main else {}
+        cache = open_cache(cfg, shards, index, sdxl.vae, log=d.is_main)
     return Run(cfg, d, Path(shards), Path(output), index, buckets, sdxl, network, optimizer, scaler,
                base_lrs, base_hash, tags, progress, total, steps_per_epoch, plan, cache, bucket_rows, ema,
-               validation)
+               validation, mixture)
 
 
 def _restore(cfg, d, index, resume, allow_config_change, sdxl, network, optimizer, scaler, ema) -> Progress:
@@ -287,7 +314,7 @@ def lokr_metadata(run: Run) -> dict:
     p = run.progress
     return metadata.lokr_metadata(
         run.cfg, step=p.step, epoch=p.epoch, total_steps=run.total_steps, batches_per_epoch=len(run.current_plan),
-        world_size=run.dist.world_size, num_train_images=len(run.index), dataset_dir=run.shards.resolve().name,
+        world_size=run.dist.world_size, num_train_images=len(run.index), dataset_dir="+".join(run.mixture.names()),
         tags=run.tags, started_at=p.started_at, base_model_sha256=run.base_model_hash,
         dataset_fingerprint=run.index.fingerprint, output_name=run.output.resolve().name,
         config_json=config_json(run.cfg),
@@ -373,7 +400,7 @@ def _loop(run: Run) -> dict:
     params = [q for g in optimizer.param_groups for q in g["params"]]
     kill_after = int(os.environ.get(KILL_AFTER_STATE_ENV, "-1"))
     images_per_step = run.global_batch * accum
-    usable = run.steps_per_epoch * accum  # global batches trained per epoch; the leftover ones sit out
+    taken = np.zeros(len(run.mixture.sources), dtype=np.int64)  # samples trained this run, per --shards folder
     run.output.mkdir(parents=True, exist_ok=True)
     metrics_path = run.output / "metrics.jsonl"
     if d.is_main:
@@ -397,8 +424,9 @@ def _loop(run: Run) -> dict:
     saved = None  # the step of this run's last state
     try:
         while p.step < run.total_steps and stop["signal"] is None:
-            if p.cursor >= usable:
+            if p.cursor >= run.usable(p.epoch):  # micro-steps trained per epoch; the leftover batches sit out
                 p.epoch, p.cursor = p.epoch + 1, 0
+            usable = run.usable(p.epoch)
             plan = run.rank_plan(p.epoch)
             dataset = batch_dataset(run.latent_cache)(run.shards, run.index, plan, rank=d.rank, world_size=d.world_size,
                                    seed=tc["seed"], epoch=p.epoch, random_crop=dc["random_crop"],
@@ -426,6 +454,10 @@ def _loop(run: Run) -> dict:
                 totals[2] = stop["signal"] is not None
                 all_reduce_sum(totals, d)  # one small collective per step: loss, non-finite count, stop
                 all_reduce_grads(params, d)
+                if d.is_main:
+                    flat = run.plan(p.epoch).batches.reshape(-1)
+                    rows = flat[p.cursor * run.global_batch:(p.cursor + accum) * run.global_batch]
+                    taken += np.bincount(run.mixture.source_of[rows], minlength=len(taken))
                 p.cursor += accum
                 p.corrupt += int(totals[3])
 
@@ -499,6 +531,7 @@ def _loop(run: Run) -> dict:
     summary = {"step": p.step, "epoch": p.epoch, "steps_this_run": done, "images_this_run": done * images_per_step,
                "skipped": p.skipped, "corrupt_skipped": p.corrupt, "loss": loss_value, "val_loss": val_loss,
                "interrupted_by": stop["signal"],
+               "samples_per_source": {str(s.path): int(n) for s, n in zip(run.mixture.sources, taken)},
                "seconds": time.perf_counter() - start_time, "lokr": str(final) if final else None}
     if d.is_main:
         end = (f"stopped by {stop['signal']} at step {p.step}; resume with --resume {run.output}"
@@ -507,6 +540,9 @@ def _loop(run: Run) -> dict:
             end += f" (its sample render stopped by {stop['signal']})"
         corrupt = f", {p.corrupt} damaged samples left out" if p.corrupt else ""
         loss_note = f", last loss {loss_value:.4f}" if done else " (the run had already reached it)"
+        if len(taken) > 1:
+            loss_note += " (samples per --shards folder: " + ", ".join(
+                f"{name} {int(n)}" for name, n in zip(run.mixture.names(), taken)) + ")"
         print(f"trained {done} steps ({done * images_per_step} images) to step {p.step}/{run.total_steps}, "
               f"{p.skipped} skipped (non-finite loss){corrupt}{loss_note}; {end}", file=sys.stderr)
     return summary

@@ -44,7 +44,8 @@ class BatchPlan:
     ``plan[i][r*b:(r+1)*b]`` with b = global_batch / W."""
 
     def __init__(self, index: ShardIndex, global_batch: int, seed: int, epoch: int, buckets,
-                 assignment: np.ndarray | None = None, keep: np.ndarray | None = None):
+                 assignment: np.ndarray | None = None, keep: np.ndarray | None = None,
+                 counts: np.ndarray | None = None):
         if global_batch <= 0:
             raise HakubooruError(f"batch size must be positive, got {global_batch}")
         if len(buckets) > np.iinfo(np.uint16).max:
@@ -56,9 +57,19 @@ class BatchPlan:
                   else assignment).astype(np.uint16)
         # The hash is a bijection of the (unique) ids, so the keys have no ties and any sort
         # algorithm gives the same order; the stable sort by bucket keeps it (radix sort).
-        by_key = np.argsort(hash64_array(hash64(seed, epoch, _ORDER_STREAM), index.ids))
-        if keep is not None:  # a mask of the rows to plan (held-out validation samples are not)
-            by_key = by_key[keep[by_key]]
+        keys = hash64_array(hash64(seed, epoch, _ORDER_STREAM), index.ids)
+        if counts is None:
+            by_key = np.argsort(keys)
+            if keep is not None:  # a mask of the rows to plan (held-out validation samples are not)
+                by_key = by_key[keep[by_key]]
+        else:  # several copies of a row (data/mixing.py): copy c > 0 ordered by its own key
+            counts = counts if keep is None else np.where(keep, counts, 0)
+            copies = [np.flatnonzero(counts > c) for c in range(int(counts.max(initial=0)))]
+            all_keys = np.concatenate([keys[r] if c == 0 else
+                                       hash64_array(hash64(seed, epoch, _ORDER_STREAM, c), index.ids[r])
+                                       for c, r in enumerate(copies)] or [np.zeros(0, np.uint64)])
+            all_rows = np.concatenate(copies or [np.zeros(0, np.int64)])
+            by_key = all_rows[np.argsort(all_keys, kind="stable")]
         rows = by_key[np.argsort(bucket[by_key], kind="stable")]
         sorted_bucket = bucket[rows]
         counts = np.bincount(sorted_bucket, minlength=len(self.buckets))
@@ -73,7 +84,7 @@ class BatchPlan:
                                         (batch_bucket << 32) + number))
         self.batches = batches[order].astype(np.int64)
         self.batch_bucket = batch_bucket[order]
-        self.dropped = int(len(rows) - self.batches.size)
+        self.dropped = int(len(rows) - self.batches.size)  # rows planned (copies counted) that sit out
 
     def __len__(self) -> int:
         return len(self.batches)
