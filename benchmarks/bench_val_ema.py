@@ -2,12 +2,12 @@
 block, layer count and module name of SDXL, narrow channels: `python -m trainers.lokr.sdxl.fake
 --narrow`), with the baseline — a training step of the same run — measured alongside.
 
-    python benchmarks/bench_val_ema.py [--steps 4] [--val-samples 8] [--work /tmp/bench_val_ema]
+    python benchmarks/bench_val_ema.py [--steps 3] [--val-samples 4] [--resolution 128] [--work /tmp/bench_val_ema]
 
 Prints: seconds per training step (median over the steps of a short run; batch 1, no
-accumulation, fp32, 256² buckets, the recipe's LoKr); one EMA update of the whole LoKr on the CPU
+accumulation, fp32, 128² buckets, the recipe's LoKr); one EMA update of the whole LoKr on the CPU
 (`ema.device = "cpu"`; median of 5) and the same on the training device; one validation pass over
-`--val-samples` held-out samples (median of 3) and per sample; each as a share of a step, and
+`--val-samples` held-out samples and per sample; each as a share of a step, and
 what `validation.every = 500` makes of it per step.
 """
 from __future__ import annotations
@@ -42,8 +42,9 @@ def median_seconds(fn, repeat: int) -> float:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--val-samples", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--val-samples", type=int, default=4)
+    parser.add_argument("--resolution", type=int, default=128, help="bucket area = resolution² (default 128)")
     parser.add_argument("--work", default="/tmp/bench_val_ema")
     args = parser.parse_args(argv)
     work = Path(args.work)
@@ -54,12 +55,12 @@ def main(argv=None) -> None:
                        cwd=ROOT, check=True)
     shards = work / "shards"
     if not (shards / "index.parquet").is_file():
-        make_test_shards(shards, n=24, sizes=((256, 256), (320, 192), (192, 320)))
+        make_test_shards(shards, n=24, sizes=((128, 128), (160, 96), (96, 160)))
     overrides = [f"model.pretrained={folder}", "train.batch_size=1", "train.grad_accum=1",
-                 "train.mixed_precision=no", "data.workers=0", "data.resolution=256", "data.bucket_min=128",
-                 "data.bucket_max=512", "optimizer.warmup_steps=0", "sample.every=0", "sample.at_end=false",
+                 "train.mixed_precision=no", "data.workers=0", f"data.resolution={args.resolution}",
+                 "data.bucket_min=64", "data.bucket_max=512", "data.bucket_step=32", "optimizer.warmup_steps=0", "sample.every=0", "sample.at_end=false",
                  "train.save_every=1000", "train.checkpoint_every=1000"]
-    print(f"narrow SDXL, CPU, {torch.get_num_threads()} torch threads; batch 1, fp32, 256² buckets")
+    print(f"narrow SDXL, CPU, {torch.get_num_threads()} torch threads; batch 1, fp32, {args.resolution}² buckets")
 
     out = work / "run"
     train(load_config("epsilon", overrides + [f"train.max_steps={args.steps}"]), shards, out, resume=None)
@@ -74,7 +75,7 @@ def main(argv=None) -> None:
         seconds = median_seconds(lambda: ema.update(run.network), 5)
         print(f"EMA update on {device} ({params / 1e6:.1f} M LoKr parameters, fp32): {seconds * 1000:.1f} ms "
               f"= {100 * seconds / step:.2f} % of a step (ema.every = 1)")
-    seconds = median_seconds(lambda: validation_loss(run), 3)
+    seconds = median_seconds(lambda: validation_loss(run), 1)
     n = len(run.validation.rows)
     print(f"validation over {n} held-out samples: {seconds:.3f} s ({seconds / n:.3f} s a sample = "
           f"{100 * seconds / n / step:.1f} % of a training step per sample); with validation.every = 500: "

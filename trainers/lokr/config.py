@@ -43,7 +43,7 @@ _CHOICES = {
     "train.mixed_precision": ("fp16", "bf16", "no"),
     "optimizer.name": ("Lion8bit", "AdamW", "AdamW8bit", "Prodigy"),
     "optimizer.schedule": ("constant", "cosine", "linear", "cosine_with_restarts"),
-    "train.log_with": ("", "tensorboard"),
+    "train.log_with": ("", "tensorboard", "wandb"),
     "lokr.save_dtype": ("fp16", "bf16", "fp32"),
     "lokr.naming": ("sd-scripts", "diffusers"),
     "sample.sampler": ("EulerAncestralDiscreteScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler",
