@@ -32,7 +32,7 @@ def test_scalars_reach_tensorboard(tmp_path):
 
 def test_unknown_logger_is_refused():
     with pytest.raises(HakubooruError, match="train.log_with"):
-        load_config("tiny", ["train.log_with=wandb"])
+        load_config("tiny", ["train.log_with=mlflow"])
 
 
 def test_only_rank_0_of_a_tensorboard_run_writes_events(tmp_path):
