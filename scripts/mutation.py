@@ -41,6 +41,8 @@ MODULES = {
     # the step functions of train.py (lr_factor .. diffusion_loss), with their unit tests
     "trainers/lokr/train.py": ("tests/trainer/test_train.py -k 'min_snr or draws or warmup or mse or timesteps'",
                                "step-functions"),
+    "trainers/lokr/optim/schedule.py": ("tests/trainer/test_schedule_optim.py -k 'by_hand'", None),
+    "trainers/lokr/sdxl/prediction.py": ("tests/trainer/sdxl/test_prediction.py", None),
     "hakubooru/buildlock.py": ("tests/hakubooru/test_build_robustness.py -k 'lock or temporar or second_build'", None),
     # the rest of hakubooru/
     "hakubooru/db.py": ("tests/hakubooru/test_db.py", None),

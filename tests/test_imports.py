@@ -1,7 +1,7 @@
 """The one-way import rule of docs/architecture.md, read from the source (ast, nothing imported).
 
 hakubooru/ never imports trainers/. Inside trainers/lokr/ each unit imports only the units
-below it: the loop (train, state, cache, __main__) → observe → network, data → sdxl → the
+below it: the loop (train, state, cache, __main__) → observe → network, data → sdxl, optim → the
 leaf modules (config, distributed, safetensors_file), which import no other trainer module;
 network and data never import each other; and no module reaches itself through its imports."""
 import ast
@@ -12,7 +12,7 @@ from tests.helpers import REPO
 LOKR = "trainers.lokr"
 LEAVES = {"config", "distributed", "safetensors_file"}
 LOOP = {"train", "state", "cache", "__main__"}
-RANK = {"leaf": 0, "sdxl": 1, "data": 2, "network": 2, "observe": 3, "loop": 4}
+RANK = {"leaf": 0, "sdxl": 1, "optim": 1, "data": 2, "network": 2, "observe": 3, "loop": 4}
 TOP_MODULES_MAX = 8
 
 
@@ -38,7 +38,7 @@ def imports(path: Path) -> set[str]:
 
 
 def unit(module: str) -> str | None:
-    """The unit of a trainers.lokr module: leaf, sdxl, data, network, observe or loop."""
+    """The unit of a trainers.lokr module: leaf, sdxl, optim, data, network, observe or loop."""
     if not module.startswith(LOKR + "."):
         return None
     head = module[len(LOKR) + 1:].split(".")[0]

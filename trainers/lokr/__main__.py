@@ -33,8 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
                                             "model sees, `python -m trainers.lokr eval --help` for the CCIP benchmark.")
     parser.add_argument("--config", default="epsilon",
                         help=f"bundled config ({', '.join(BUNDLED)}) or a TOML file (default: epsilon)")
-    parser.add_argument("--shards", help="shard folder written by `python -m hakubooru build` "
-                        "(or any webdataset folder indexed by `python -m hakubooru index`)")
+    parser.add_argument("--shards", action="append", metavar="PATH[:WEIGHT]",
+                        help="shard folder written by `python -m hakubooru build` "
+                        "(or any webdataset folder indexed by `python -m hakubooru index`); repeat it to mix "
+                        "folders, each sampled in proportion to WEIGHT (default 1) × its size")
     parser.add_argument("--pretrained", help="SDXL base model: diffusers folder or single-file .safetensors")
     parser.add_argument("--output", help="folder for LoKr files, states and metrics.jsonl "
                                          "(default: the --resume folder, else lokr-out)")

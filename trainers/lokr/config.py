@@ -24,22 +24,27 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 BUNDLED = sorted(p.stem for p in CONFIG_DIR.glob("*.toml"))
 
 # Keys whose change cannot alter the result of a resumed run: accepted on resume without a flag.
-FREE_ON_RESUME = {"data.workers", "train.ddp_timeout", "train.save_every", "train.keep_states", "train.checkpoint_every",
+FREE_ON_RESUME = {"data.workers", "validation.every", "train.ddp_timeout", "train.save_every", "train.keep_states", "train.checkpoint_every",
                   "train.max_nonfinite_in_row", "lokr.naming", "train.log_with", "sample.every", "sample.at_end",
                   "sample.sampler", "sample.width", "sample.height", "sample.steps", "sample.guidance",
                   "sample.negative_prompt", "sample.prompts"}
 # What a state written before a key existed meant by it (the network before Kohaku XL Delta's
 # groups: no norm offsets, the new groups not wrapped; captions before data.shuffle_scope: every
 # tag after the keep group moved).
-LEGACY_DEFAULTS = {"lokr.train_norm": False, "data.shuffle_scope": "all", **{f"lokr.factors.{g}": 0 for g in (
+LEGACY_DEFAULTS = {"lokr.train_norm": False, "data.shuffle_scope": "all", "model.prediction_type": "auto",
+                   "model.zero_terminal_snr": "auto", "optimizer.schedule": "constant", "optimizer.cycles": 1, "data.caption_dropout": 0.0,
+                   "data.bucket_no_upscale": False, "ema.decay": 0.0, "ema.every": 1, "ema.device": "cpu",
+                   "validation.samples": 0, "validation.every": 500, **{f"lokr.factors.{g}": 0 for g in (
     "Transformer2DModel", "Downsample2D", "Upsample2D", "conv_in_out", "embeddings")}}
 # Keys that only decide how long the run goes on: accepted on resume with --allow-config-change.
 SAFE_ON_RESUME = {"train.max_steps", "train.epochs"}
 
 _CHOICES = {
+    "model.prediction_type": ("auto", "epsilon", "v_prediction"),
     "train.mixed_precision": ("fp16", "bf16", "no"),
-    "optimizer.name": ("Lion8bit",),
-    "train.log_with": ("", "tensorboard"),
+    "optimizer.name": ("Lion8bit", "AdamW", "AdamW8bit", "Prodigy"),
+    "optimizer.schedule": ("constant", "cosine", "linear", "cosine_with_restarts"),
+    "train.log_with": ("", "tensorboard", "wandb"),
     "lokr.save_dtype": ("fp16", "bf16", "fp32"),
     "lokr.naming": ("sd-scripts", "diffusers"),
     "sample.sampler": ("EulerAncestralDiscreteScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler",
@@ -47,14 +52,16 @@ _CHOICES = {
     "data.latent_cache": ("auto", "off", "require"),
     "data.on_corrupt": ("error", "skip"),
     "data.shuffle_scope": ("general", "all"),
+    "ema.device": ("cpu", "gpu"),
 }
 # Keys that were replaced: refused with one line naming the new key.
 REPLACED = {"data.protect_quality_year_rating": 'data.shuffle_scope ("general": only the general tags '
                                                  'move and drop, the card\'s rule; "all": every tag after the keep group)'}
+_BOOL_OR_AUTO = {"model.zero_terminal_snr"}  # "auto" (from the base) or a boolean
 # (dotted key, lowest allowed value, exclusive?)
 _LOWER_BOUNDS = [
     ("data.resolution", 8, False), ("data.bucket_min", 8, False), ("data.bucket_max", 8, False),
-    ("data.bucket_step", 8, False), ("data.tag_dropout", 0, False), ("data.max_windows", 1, False),
+    ("data.bucket_step", 8, False), ("data.tag_dropout", 0, False), ("data.caption_dropout", 0, False), ("data.max_windows", 1, False),
     ("data.workers", 0, False), ("data.keep_tokens", 0, False), ("data.vae_batch_size", 1, False),
     ("train.seed", 0, False), ("train.batch_size", 1, False),
     ("train.grad_accum", 1, False), ("train.epochs", 1, False), ("train.max_steps", 0, False),
@@ -63,7 +70,8 @@ _LOWER_BOUNDS = [
     ("train.save_every", 1, False), ("train.keep_states", 1, False),
     ("train.checkpoint_every", 1, False), ("train.ddp_timeout", 0, True), ("optimizer.lr_unet", 0, True),
     ("optimizer.lr_text", 0, True), ("optimizer.weight_decay", 0, False),
-    ("optimizer.warmup_steps", 0, False), ("sample.every", 0, False),
+    ("optimizer.warmup_steps", 0, False), ("optimizer.cycles", 1, False),
+    ("ema.decay", 0, False), ("ema.every", 1, False), ("validation.samples", 0, False), ("validation.every", 0, False), ("sample.every", 0, False),
 ]
 
 
@@ -96,7 +104,9 @@ def _set(cfg: dict, dotted: str, value, schema: dict, origin: str) -> None:
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise HakubooruError(f"{origin}: unknown config key '{dotted}'{hint}")
     expected = schema[dotted]
-    if isinstance(expected, bool) or isinstance(value, bool):
+    if dotted in _BOOL_OR_AUTO:
+        ok = value == "auto" or isinstance(value, bool)
+    elif isinstance(expected, bool) or isinstance(value, bool):
         ok = isinstance(value, bool) and isinstance(expected, bool)
     elif isinstance(expected, float):
         ok = isinstance(value, (int, float)) and math.isfinite(value)
@@ -104,7 +114,8 @@ def _set(cfg: dict, dotted: str, value, schema: dict, origin: str) -> None:
     else:
         ok = isinstance(value, type(expected))
     if not ok:
-        kind = "a finite float" if isinstance(expected, float) else type(expected).__name__
+        kind = ("a finite float" if isinstance(expected, float) else "true, false or \"auto\""
+                if dotted in _BOOL_OR_AUTO else type(expected).__name__)
         raise HakubooruError(f"{origin}: config key '{dotted}' must be {kind}, got {value!r}")
     *tables, key = dotted.split(".")
     node = cfg
@@ -149,6 +160,10 @@ def validate(cfg: dict) -> None:
     if not flat["data.bucket_min"] <= flat["data.resolution"] <= flat["data.bucket_max"]:
         raise HakubooruError("config: need data.bucket_min ≤ data.resolution ≤ data.bucket_max "
                              f"(got {flat['data.bucket_min']}, {flat['data.resolution']}, {flat['data.bucket_max']})")
+    if flat["ema.decay"] >= 1:
+        raise HakubooruError(f"config key 'ema.decay' must be < 1, 0 = off (got {flat['ema.decay']})")
+    if flat["data.caption_dropout"] > 1:
+        raise HakubooruError(f"config key 'data.caption_dropout' must be ≤ 1 (got {flat['data.caption_dropout']})")
     if flat["data.tag_dropout"] >= 1:
         raise HakubooruError(f"config key 'data.tag_dropout' must be < 1 (got {flat['data.tag_dropout']})")
     betas = flat["optimizer.betas"]
@@ -220,12 +235,13 @@ def config_fingerprint(cfg: dict) -> str:
     return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()
 
 
-def check_resume_config(saved: dict, cfg: dict, allow_change: bool) -> list[str]:
+def check_resume_config(saved: dict, cfg: dict, allow_change: bool, also_free=frozenset()) -> list[str]:
     """Refuse to resume a state written under another config. Returns the changed keys that
-    were accepted; raises naming the keys that make the state unusable."""
+    were accepted; raises naming the keys that make the state unusable. ``also_free``: keys
+    this resume may change (an elastic resume's per-GPU batch and accumulation)."""
     old, new = {**LEGACY_DEFAULTS, **flatten(saved)}, flatten(cfg)
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-    unsafe = [k for k in changed if k not in FREE_ON_RESUME | SAFE_ON_RESUME]
+    unsafe = [k for k in changed if k not in FREE_ON_RESUME | SAFE_ON_RESUME | set(also_free)]
     if unsafe:
         detail = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in unsafe)
         raise HakubooruError(f"the state was written under another config ({detail}); resume with the "

@@ -19,6 +19,7 @@ import json
 import os
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -138,3 +139,41 @@ def load_latest_state(folder: str | os.PathLike) -> tuple[Path, dict]:
             print(f"warning: {e}" + ("; falling back to the previous state" if more else ""), file=sys.stderr)
     raise HakubooruError(f"every training state in {folder} is damaged ({len(states)}, newest "
                          f"{states[-1].name}); cannot resume: start a new run in another --output")
+
+
+@dataclass
+class Elastic:
+    """How a state resumes on this run's GPU count and batch: the epoch plan's batch (that of
+    the run's first start), the cursor in this run's micro-steps, the config keys allowed to
+    change, and the line to print (empty when nothing changed)."""
+
+    plan_batch: int
+    cursor: int
+    free_keys: frozenset
+    line: str
+
+
+def elastic_resume(path, state: dict, saved_cfg: dict, cfg: dict, world_size: int) -> Elastic:
+    """Accept a state written on another number of GPUs (or per-GPU batch, or accumulation) when
+    the global batch — per-GPU batch × accumulation × GPUs — is kept and the per-GPU batch divides
+    the plan's batch: the run then reads the same plan in other micro-steps (same samples, same
+    order, same draws). Else one line naming the numbers."""
+    st, tc = saved_cfg["train"], cfg["train"]
+    w0, b0, a0 = state["world_size"], st["batch_size"], st["grad_accum"]
+    w, b, a = world_size, tc["batch_size"], tc["grad_accum"]
+    plan_batch = state.get("plan_batch", b0 * w0)
+    if (w0, b0, a0) == (w, b, a):
+        return Elastic(plan_batch, state["cursor"], frozenset(), "")
+    s0, s = b0 * a0 * w0, b * a * w
+    if s != s0:
+        hint = (f"; e.g. --set train.grad_accum={s0 // (b * w)}" if s0 % (b * w) == 0 else "")
+        raise HakubooruError(f"{path} was written at a global batch of {s0} (per-GPU batch {b0} × accumulation "
+                             f"{a0} × {w0} GPU(s)); this run has {s} ({b} × {a} × {w}): keep per-GPU batch × "
+                             f"accumulation × GPUs to resume{hint}")
+    if plan_batch % b:
+        raise HakubooruError(f"{path}: a per-GPU batch of {b} does not divide the run's plan batch of {plan_batch} "
+                             f"(per-GPU batch × GPUs at its first start); choose a divisor of {plan_batch}")
+    line = (f"elastic resume: {w0} → {w} GPU(s), per-GPU batch {b0} → {b}, accumulation {a0} → {a}; global batch "
+            f"{s} kept: the same samples in the same order (weights equal up to float summation order)")
+    return Elastic(plan_batch, state["cursor"] * (b0 * w0) // (b * w), frozenset({"train.batch_size", "train.grad_accum"}),
+                   line)

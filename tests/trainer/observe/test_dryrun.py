@@ -95,3 +95,14 @@ def test_table_row_shows_the_group_in_mb():
                                          values=1_000_000)])
     row = report.table().splitlines()[2]
     assert row.startswith("unet Attention") and row.split()[-1] == "2.0"
+
+
+def test_the_training_options_default_to_the_recipe(capsys):
+    from trainers.lokr.observe.dryrun import option_lines
+
+    lines = option_lines(load_config("epsilon"))
+    assert lines[0] == "training options (the recipe's unless marked):" and len(lines) == 11
+    assert not any("not the recipe" in ln for ln in lines)
+    assert "  model.prediction_type     'auto'" in lines and "  ema.decay                 0.0" in lines
+    changed = option_lines(load_config("epsilon", ["optimizer.schedule=cosine", "ema.decay=0.999"]))
+    assert [ln.split()[0] for ln in changed if "not the recipe" in ln] == ["optimizer.schedule", "ema.decay"]

@@ -32,7 +32,7 @@ def test_scalars_reach_tensorboard(tmp_path):
 
 def test_unknown_logger_is_refused():
     with pytest.raises(HakubooruError, match="train.log_with"):
-        load_config("tiny", ["train.log_with=wandb"])
+        load_config("tiny", ["train.log_with=mlflow"])
 
 
 def test_only_rank_0_of_a_tensorboard_run_writes_events(tmp_path):
@@ -81,3 +81,32 @@ def test_resume_purges_only_the_events_past_the_resumed_state(tmp_path):
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+
+
+@pytest.mark.slow
+def test_scalars_reach_an_offline_wandb_run(tmp_path, monkeypatch):
+    pytest.importorskip("wandb", reason="the wandb package is not installed (test extra)")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    shards = make_test_shards(tmp_path / "shards", n=12).dir
+    out = tmp_path / "run"
+    train(load_config("tiny", ["train.max_steps=2", "train.log_with=wandb"]), shards, out)
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    files = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 1
+    data = files[0].read_bytes()
+    # each history item is stored as its key and its value as JSON text
+    for key in ("train/loss", "train/lr_unet", "train/grad_norm"):
+        assert key.encode() in data
+    for x in lines:
+        assert json.dumps(x["loss"]).encode() in data
+
+
+def test_wandb_without_its_package_is_one_line(tmp_path, monkeypatch):
+    import sys
+
+    from trainers.lokr.observe.tblog import ScalarLog
+
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    with pytest.raises(HakubooruError, match="needs the wandb package: pip install wandb"):
+        ScalarLog(load_config("tiny", ["train.log_with=wandb"]), tmp_path, True, 0)

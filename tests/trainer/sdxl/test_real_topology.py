@@ -120,3 +120,34 @@ def test_train_from_folder_and_file_give_identical_lokrs_then_merge(narrow, tmp_
         got = after.unet(x, t, encoder_hidden_states=context, added_cond_kwargs=cond).sample
     # the same delta added in another order of fp32 operations (as tests/trainer/network/test_merge.py)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_vpred_narrow_single_file_trains_with_every_option(narrow, tmp_path):
+    """The narrow single file marked as NoobAI's v-pred files are (v_pred, ztsnr keys), trained with
+    this issue's options on: v target on the rescaled schedule, cosine, AdamW, caption dropout,
+    no-upscale buckets, EMA and validation (issue 20 on the real topology)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    tensors = load_file(narrow / "sdxl.safetensors")
+    vpred = tmp_path / "vpred.safetensors"
+    save_file({**tensors, "v_pred": torch.zeros(0), "ztsnr": torch.zeros(0)}, vpred)
+    del tensors
+    shards = make_test_shards(tmp_path / "shards", n=16, sizes=((48, 48), (64, 64), (96, 64))).dir
+    out = tmp_path / "run"
+    sets = ["optimizer.name=AdamW", "optimizer.schedule=cosine", "data.caption_dropout=0.5",
+            "data.bucket_no_upscale=true", "ema.decay=0.9", "validation.samples=2", "validation.every=1",
+            f"model.config={narrow / 'configs'}"]
+    done = cli("trainers.lokr", "--config", "tiny", "--shards", str(shards), "--pretrained", str(vpred),
+               "--output", str(out), "--max-steps", "2", *[a for s in sets for a in ("--set", s)])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "base model: v_prediction, zero-terminal SNR (from vpred.safetensors: v_pred, ztsnr key)" in done.stderr
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if x.get("val_loss") is not None] == [1, 2]
+    assert all(x["loss"] is not None for x in lines)
+    with safe_open(str(out / "lokr-ema.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["modelspec.prediction_type"] == "v" and meta["ss_zero_terminal_snr"] == "True"
+    assert meta["ss_lr_scheduler"] == "cosine" and meta["ss_optimizer"].startswith("torch.optim.adamw.AdamW")

@@ -43,17 +43,33 @@ class BatchPlan:
     the batches are then ordered by hash(seed, epoch, bucket, batch number). Rank r of W takes
     ``plan[i][r*b:(r+1)*b]`` with b = global_batch / W."""
 
-    def __init__(self, index: ShardIndex, global_batch: int, seed: int, epoch: int, buckets):
+    def __init__(self, index: ShardIndex, global_batch: int, seed: int, epoch: int, buckets,
+                 assignment: np.ndarray | None = None, keep: np.ndarray | None = None,
+                 counts: np.ndarray | None = None):
         if global_batch <= 0:
             raise HakubooruError(f"batch size must be positive, got {global_batch}")
         if len(buckets) > np.iinfo(np.uint16).max:
             raise HakubooruError(f"too many buckets ({len(buckets)})")
         self.global_batch, self.seed, self.epoch = int(global_batch), int(seed), int(epoch)
         self.buckets = [tuple(map(int, b)) for b in buckets]
-        bucket = assign_buckets(index.width, index.height, self.buckets).astype(np.uint16)
+        # each row's bucket: the nearest aspect ratio, unless given (bucketing.config_buckets)
+        bucket = (assign_buckets(index.width, index.height, self.buckets) if assignment is None
+                  else assignment).astype(np.uint16)
         # The hash is a bijection of the (unique) ids, so the keys have no ties and any sort
         # algorithm gives the same order; the stable sort by bucket keeps it (radix sort).
-        by_key = np.argsort(hash64_array(hash64(seed, epoch, _ORDER_STREAM), index.ids))
+        keys = hash64_array(hash64(seed, epoch, _ORDER_STREAM), index.ids)
+        if counts is None:
+            by_key = np.argsort(keys)
+            if keep is not None:  # a mask of the rows to plan (held-out validation samples are not)
+                by_key = by_key[keep[by_key]]
+        else:  # several copies of a row (data/mixing.py): copy c > 0 ordered by its own key
+            counts = counts if keep is None else np.where(keep, counts, 0)
+            copies = [np.flatnonzero(counts > c) for c in range(int(counts.max(initial=0)))]
+            all_keys = np.concatenate([keys[r] if c == 0 else
+                                       hash64_array(hash64(seed, epoch, _ORDER_STREAM, c), index.ids[r])
+                                       for c, r in enumerate(copies)] or [np.zeros(0, np.uint64)])
+            all_rows = np.concatenate(copies or [np.zeros(0, np.int64)])
+            by_key = all_rows[np.argsort(all_keys, kind="stable")]
         rows = by_key[np.argsort(bucket[by_key], kind="stable")]
         sorted_bucket = bucket[rows]
         counts = np.bincount(sorted_bucket, minlength=len(self.buckets))
@@ -68,7 +84,7 @@ class BatchPlan:
                                         (batch_bucket << 32) + number))
         self.batches = batches[order].astype(np.int64)
         self.batch_bucket = batch_bucket[order]
-        self.dropped = int(len(rows) - self.batches.size)
+        self.dropped = int(len(rows) - self.batches.size)  # rows planned (copies counted) that sit out
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -79,6 +95,30 @@ class BatchPlan:
     def bucket_of(self, i: int) -> tuple[int, int]:
         """The bucket (w, h) of global batch ``i``."""
         return self.buckets[self.batch_bucket[i]]
+
+
+class PlanView:
+    """One rank's view of a ``BatchPlan`` read in batches of ``global_batch`` rows instead of the
+    plan's own (elastic resume: a run resumed on another GPU count or per-GPU batch keeps the
+    plan of its first start). Batch ``i`` is rows ``[i·global_batch, (i+1)·global_batch)`` of the
+    plan's batches laid end to end; rank ``rank`` takes ``rank_rows`` of them, which lie in one
+    plan batch (``rank_rows`` divides the plan's batch), so ``bucket_of`` is that batch's bucket."""
+
+    def __init__(self, plan: BatchPlan, global_batch: int, rank: int, rank_rows: int):
+        if plan.global_batch % rank_rows:
+            raise HakubooruError(f"a per-GPU batch of {rank_rows} does not divide the plan's batch {plan.global_batch}")
+        self.plan, self.global_batch, self.rank, self.rank_rows = plan, int(global_batch), rank, rank_rows
+        self.seed, self.epoch, self.buckets = plan.seed, plan.epoch, plan.buckets
+        self.flat = plan.batches.reshape(-1)
+
+    def __len__(self) -> int:
+        return len(self.flat) // self.global_batch
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.flat[i * self.global_batch:(i + 1) * self.global_batch]
+
+    def bucket_of(self, i: int) -> tuple[int, int]:
+        return self.plan.bucket_of((i * self.global_batch + self.rank * self.rank_rows) // self.plan.global_batch)
 
 
 class BatchDataset(torch.utils.data.Dataset):

@@ -71,3 +71,56 @@ def crop_box(w: int, h: int, bucket_w: int, bucket_h: int, *, random_crop: bool 
     else:
         left, top = over_x // 2, over_y // 2
     return rw, rh, top, left
+
+
+def assign_no_upscale(widths, heights, buckets, *, area: int, min_side: int, max_side: int,
+                      step: int) -> tuple[list[tuple[int, int]], np.ndarray]:
+    """``data.bucket_no_upscale`` (sd-scripts' ``--bucket_no_upscale``): an image of fewer pixels
+    than ``area`` whose bucket would enlarge it gets a smaller bucket that fits inside it
+    (``bw ≤ w`` and ``bh ≤ h``: scaled down or not at all, then cropped). The smaller buckets
+    come from a ladder of bucket sets, ``make_buckets(s², ...)`` for s = the largest multiple of
+    ``step`` below √area, then each ``step`` less down to ``min_side``: an image tries the set of
+    its own size first (s ≤ √(w·h)), the nearest aspect ratio there, then the sets below, so
+    images of similar size share buckets. An image too small for every set takes the nearest
+    bucket of the smallest. Returns the buckets (``buckets``, then the smaller ones used, by
+    aspect ratio then width) and each image's index into them."""
+    w = np.asarray(widths, dtype=np.int64)
+    h = np.asarray(heights, dtype=np.int64)
+    chosen = assign_buckets(w, h, buckets)
+    b = np.asarray(buckets, dtype=np.int64).reshape(-1, 2)
+    pending = (w * h < area) & ((b[chosen, 0] > w) | (b[chosen, 1] > h))
+    level = np.sqrt((w * h).astype(np.float64)).astype(np.int64) // step * step
+    top = math.isqrt(area) // step * step
+    new: dict[tuple[int, int], np.ndarray] = {}
+    ladder = list(range(top - step if top * top >= area else top, min_side - 1, -step)) or [min_side]
+    for s in ladder:
+        last = s == ladder[-1]
+        rows = np.flatnonzero(pending & ((level >= s) | last))
+        if rows.size == 0:
+            continue
+        cand = make_buckets(area=s * s, min_side=min_side, max_side=max_side, step=step)
+        k = assign_buckets(w[rows], h[rows], cand)
+        cb = np.asarray(cand, dtype=np.int64)[k]
+        fit = ((cb[:, 0] <= w[rows]) & (cb[:, 1] <= h[rows])) | last
+        for (bw, bh), r in zip(map(tuple, cb[fit]), rows[fit]):
+            new.setdefault((int(bw), int(bh)), []).append(r)
+        pending[rows[fit]] = False
+    out = [tuple(map(int, x)) for x in buckets]
+    known = {x: i for i, x in enumerate(out)}
+    for bucket in sorted(new, key=lambda x: (x[0] / x[1], x[0])):
+        if bucket not in known:
+            known[bucket] = len(out)
+            out.append(bucket)
+        chosen[np.asarray(new[bucket], dtype=np.int64)] = known[bucket]
+    return out, chosen.astype(np.int64)
+
+
+def config_buckets(dc: dict, widths, heights) -> tuple[list[tuple[int, int]], np.ndarray]:
+    """The buckets of a ``[data]`` config and each image's bucket index: ``make_buckets`` and the
+    nearest aspect ratio, or with ``bucket_no_upscale`` ``assign_no_upscale``."""
+    area = dc["resolution"] ** 2
+    buckets = make_buckets(area=area, min_side=dc["bucket_min"], max_side=dc["bucket_max"], step=dc["bucket_step"])
+    if not dc.get("bucket_no_upscale", False):
+        return buckets, assign_buckets(widths, heights, buckets)
+    return assign_no_upscale(widths, heights, buckets, area=area, min_side=dc["bucket_min"],
+                             max_side=dc["bucket_max"], step=dc["bucket_step"])

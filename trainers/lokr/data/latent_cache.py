@@ -70,7 +70,8 @@ def cache_settings(cfg: dict, index, vae) -> dict:
     """What the latents depend on: a cache serves a run only if these agree."""
     dc = cfg["data"]
     return {"format": FORMAT, "vae": vae_hash(vae), "scaling_factor": float(vae.config.scaling_factor),
-            "buckets": {k: dc[k] for k in ("resolution", "bucket_min", "bucket_max", "bucket_step")},
+            "buckets": {**{k: dc[k] for k in ("resolution", "bucket_min", "bucket_max", "bucket_step")},
+                        **({"no_upscale": True} if dc.get("bucket_no_upscale") else {})},
             "crop": "centre", "dataset_fingerprint": index.fingerprint, "samples": len(index)}
 
 

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from hakubooru import manifest as mf
 from hakubooru.errors import HakubooruError, run_command
 from hakubooru.shardwriter import CHECKSUM, file_checksum
-from trainers.lokr.data.bucketing import assign_buckets, make_buckets
+from trainers.lokr.data.bucketing import assign_buckets, config_buckets
 from trainers.lokr.config import BUNDLED, load_config
 from trainers.lokr.data.batches import BatchDataset, make_loader
 from trainers.lokr.data.index import load_index
@@ -39,10 +39,10 @@ from trainers.lokr.safetensors_file import write_safetensors
 KILL_AFTER_CHUNKS_ENV = "LOKR_TEST_KILL_AFTER_CHUNKS"  # tests: SIGKILL after writing this many chunks
 
 
-def plan_chunks(index, buckets, chunk_size: int) -> list[tuple[int, np.ndarray]]:
+def plan_chunks(index, buckets, chunk_size: int, assignment=None) -> list[tuple[int, np.ndarray]]:
     """``(bucket number, index rows)`` of every chunk: the rows of each bucket (buckets in
     their listed order) in id order, cut into pieces of at most ``chunk_size``."""
-    bucket = assign_buckets(index.width, index.height, buckets)
+    bucket = assign_buckets(index.width, index.height, buckets) if assignment is None else assignment
     order = np.argsort(bucket, kind="stable")  # rows are sorted by id; stable keeps that
     chunks = []
     for b in np.unique(bucket[order]):
@@ -123,10 +123,9 @@ def build_cache(cfg: dict, shards, out=None, *, dtype: str = "fp16", chunk_size:
 def _build(cfg, shards, out: Path, d, dtype, chunk_size, batch_size, workers) -> dict:
     dc = cfg["data"]
     index = load_index(shards)
-    buckets = make_buckets(area=dc["resolution"] ** 2, min_side=dc["bucket_min"], max_side=dc["bucket_max"],
-                           step=dc["bucket_step"])
+    buckets, assignment = config_buckets(dc, index.width, index.height)
     vae = load_vae(cfg, d.device)
-    chunks = plan_chunks(index, buckets, chunk_size)
+    chunks = plan_chunks(index, buckets, chunk_size, assignment)
     plan = {**cache_settings(cfg, index, vae), "dtype": dtype, "chunk_size": chunk_size,
             "batch_size": batch_size, "chunks": len(chunks)}
     mf.check_or_write_plan(out, plan, what="latent cache")

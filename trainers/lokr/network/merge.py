@@ -8,12 +8,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
 
 from hakubooru.errors import HakubooruError
 from trainers.lokr.network.metadata import MODELSPEC_IMPLEMENTATION, spec_date, training_start_time
+from trainers.lokr.sdxl.prediction import MODELSPEC_TYPES, of_scheduler, prediction_keys
 from trainers.lokr.sdxl.model import SDXL, load_sdxl, save_sdxl, save_sdxl_single_file, tiny_sdxl
 from trainers.lokr.network.lokr import SAVE_DTYPES, load_lokr
 
@@ -76,19 +78,24 @@ def main(argv=None) -> int:
         sdxl = load_sdxl(args.pretrained, dtype=torch.float32, config=args.model_config, tokenizers=args.tokenizers)
     merge_lokr(sdxl, args.lokr)
     dtype = SAVE_DTYPES[args.dtype]
+    pred = of_scheduler(sdxl.noise_scheduler)  # the base's (load_sdxl reads it); a diffusers --out keeps it
+    lokr_meta = {k: v for k, v in _lokr_metadata(args.lokr).items() if k not in ("ss_tag_frequency", "lycoris_preset")}
+    trained = lokr_meta.get("modelspec.prediction_type")
+    if trained and trained != MODELSPEC_TYPES[pred.type]:
+        print(f"warning: {args.lokr} says it was trained for {trained!r} prediction, the base predicts "
+              f"{MODELSPEC_TYPES[pred.type]!r}; the merged model is marked as the base's", file=sys.stderr)
     if out.suffix == ".safetensors":
-        lokr_meta = {k: v for k, v in _lokr_metadata(args.lokr).items()
-                     if k not in ("ss_tag_frequency", "lycoris_preset")}
         meta = {"merged_lokr": str(Path(args.lokr).name), "base_model": str(args.pretrained),
                 "lokr_metadata": json.dumps(lokr_meta, sort_keys=True),
                 "modelspec.sai_model_spec": "1.0.1", "modelspec.architecture": "stable-diffusion-xl-v1-base",
                 "modelspec.implementation": MODELSPEC_IMPLEMENTATION,
-                "modelspec.title": out.stem, "modelspec.prediction_type": "epsilon",
+                "modelspec.title": out.stem, "modelspec.prediction_type": MODELSPEC_TYPES[pred.type],
                 # sd-scripts' sai_model_spec always writes these two: the LoKr's, else SDXL's 1024²
                 "modelspec.resolution": lokr_meta.get("modelspec.resolution", "1024x1024"),
                 "modelspec.date": spec_date(training_start_time()),
                 "modelspec.merged_from": f"{Path(str(args.pretrained)).name}, {Path(args.lokr).name}"}
-        save_sdxl_single_file(sdxl, out, dtype=dtype, metadata=meta, extras=_base_extras(args.pretrained))
+        extras = {**_base_extras(args.pretrained), **prediction_keys(pred)}
+        save_sdxl_single_file(sdxl, out, dtype=dtype, metadata=meta, extras=extras)
     else:
         save_sdxl(sdxl.to(dtype=dtype), out)
     print(f"merged {args.lokr} into {args.pretrained} -> {out} ({args.dtype})")

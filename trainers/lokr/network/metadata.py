@@ -18,12 +18,15 @@ from pathlib import Path
 
 from hakubooru.tagcounts import ensure_tag_counts
 from trainers.lokr.network.lokr import FULL_MATRIX_DIM
+from trainers.lokr.sdxl.prediction import MODELSPEC_TYPES, Prediction
 from trainers.lokr.sdxl.text import WINDOW
 
 SDXL_BASE_VERSION = "sdxl_base_v1-0"       # sd-scripts' MODEL_VERSION_SDXL_BASE_V1_0
 MODELSPEC_ARCHITECTURE = "stable-diffusion-xl-v1-base/lora"
 MODELSPEC_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
-OPTIMIZER_CLASS = "bitsandbytes.optim.lion.Lion8bit"
+OPTIMIZER_CLASSES = {"Lion8bit": "bitsandbytes.optim.lion.Lion8bit", "AdamW": "torch.optim.adamw.AdamW",
+                     "AdamW8bit": "bitsandbytes.optim.adamw.AdamW8bit", "Prodigy": "prodigyopt.prodigy.Prodigy"}
+OPTIMIZER_CLASS = OPTIMIZER_CLASSES["Lion8bit"]
 SOURCE_DATE_ENV = "SOURCE_DATE_EPOCH"
 PRESET_FILE = "lycoris_preset.toml"        # beside each LoKr of a run; ss_network_args' preset=
 
@@ -92,11 +95,12 @@ def lokr_metadata(cfg: dict, *, step: int, epoch: int, total_steps: int, batches
                   world_size: int, num_train_images: int, dataset_dir: str, tags: dict[str, int],
                   started_at: float, base_model_sha256: str, dataset_fingerprint: str, output_name: str,
                   config_json: str, preset: dict, cache_latents: bool = False,
-                  captions_from: str = "record") -> dict[str, str]:
+                  captions_from: str = "record", prediction: Prediction = Prediction()) -> dict[str, str]:
     """Every metadata string of a LoKr file written at optimizer step `step` (0-based `epoch`);
     `preset` is the network's LyCORIS preset (`network.lokr_preset`), `cache_latents` whether
     the run read VAE latents from the latent cache, `captions_from` whether its captions came
-    from the caption records ("record") or the `.txt` ("text"; caption_settings)."""
+    from the caption records ("record") or the `.txt` ("text"; caption_settings), `prediction`
+    what the run trained (ε or v, zero-terminal SNR)."""
     tc, dc, oc = cfg["train"], cfg["data"], cfg["optimizer"]
     keep_tokens, keep_separator = caption_settings(cfg, captions_from)
     pretrained = str(cfg["model"]["pretrained"])
@@ -124,13 +128,14 @@ def lokr_metadata(cfg: dict, *, step: int, epoch: int, total_steps: int, batches
         "ss_gradient_accumulation_steps": tc["grad_accum"],
         "ss_max_train_steps": total_steps,
         "ss_lr_warmup_steps": oc["warmup_steps"],
-        "ss_lr_scheduler": "constant_with_warmup",
-        "ss_optimizer": f"{OPTIMIZER_CLASS}(weight_decay={oc['weight_decay']},betas={tuple(oc['betas'])})",
+        "ss_lr_scheduler": {"constant": "constant_with_warmup"}.get(oc["schedule"], oc["schedule"]),
+        "ss_optimizer": f"{OPTIMIZER_CLASSES[oc['name']]}(weight_decay={oc['weight_decay']},betas={tuple(oc['betas'])})",
         "ss_mixed_precision": tc["mixed_precision"],
         "ss_full_fp16": False,
         "ss_seed": tc["seed"],
         "ss_noise_offset": tc["noise_offset"],
         "ss_min_snr_gamma": tc["min_snr_gamma"],
+        "ss_zero_terminal_snr": prediction.zero_terminal_snr,
         "ss_max_grad_norm": tc["max_grad_norm"],
         "ss_clip_skip": None,
         "ss_max_token_length": WINDOW * dc["max_windows"],
@@ -144,8 +149,9 @@ def lokr_metadata(cfg: dict, *, step: int, epoch: int, total_steps: int, batches
         "ss_color_aug": False,
         "ss_shuffle_caption": dc["shuffle_tags"],
         "ss_keep_tokens": keep_tokens,
-        "ss_caption_dropout_rate": 0.0,
+        "ss_caption_dropout_rate": dc["caption_dropout"],
         "ss_caption_dropout_every_n_epochs": 0,
+        "ss_bucket_no_upscale": dc["bucket_no_upscale"],
         "ss_caption_tag_dropout_rate": dc["tag_dropout"],
         "ss_datasets": json.dumps([{
             "is_dreambooth": True, "batch_size_per_device": tc["batch_size"],
@@ -174,7 +180,7 @@ def lokr_metadata(cfg: dict, *, step: int, epoch: int, total_steps: int, batches
         "modelspec.title": output_name,
         "modelspec.resolution": f"{res}x{res}",
         "modelspec.date": spec_date(started_at),
-        "modelspec.prediction_type": "epsilon",
+        "modelspec.prediction_type": MODELSPEC_TYPES[prediction.type],
         "modelspec.description": f"LyCORIS LoKr (full matrix) over SDXL 1.0 base, {step} steps, "
                                  f"{num_train_images} images",
     }

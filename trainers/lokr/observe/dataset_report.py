@@ -15,7 +15,7 @@ from hakubooru.commands.report import add_page_arguments, write_report
 from hakubooru.errors import HakubooruError
 from trainers.lokr.config import BUNDLED, load_config
 from trainers.lokr.data.batches import BatchPlan
-from trainers.lokr.data.bucketing import assign_buckets, make_buckets
+from trainers.lokr.data.bucketing import config_buckets
 from trainers.lokr.data.index import load_index
 from trainers.lokr.observe.captions import caption_examples
 
@@ -24,12 +24,11 @@ def bucket_stats(root: Path, cfg: dict, config_name: str, world_size: int = 1) -
     """Samples per training bucket, full global batches per bucket and the samples that sit
     out each epoch, by the trainer's bucket assignment and batch plan (epoch 0)."""
     dc, tc = cfg["data"], cfg["train"]
-    buckets = make_buckets(area=dc["resolution"] ** 2, min_side=dc["bucket_min"],
-                           max_side=dc["bucket_max"], step=dc["bucket_step"])
     index = load_index(root)
+    buckets, assignment = config_buckets(dc, index.width, index.height)
     global_batch = tc["batch_size"] * world_size
-    plan = BatchPlan(index, global_batch, tc["seed"], 0, buckets)
-    samples = np.bincount(assign_buckets(index.width, index.height, buckets), minlength=len(buckets))
+    plan = BatchPlan(index, global_batch, tc["seed"], 0, buckets, assignment)
+    samples = np.bincount(assignment, minlength=len(buckets))
     batches = np.bincount(plan.batch_bucket, minlength=len(buckets))
     rows = [[f"{w}×{h}", w, h, int(s), int(nb), int(s - nb * global_batch)]
             for (w, h), s, nb in zip(buckets, samples, batches) if s]

@@ -83,8 +83,28 @@ def dry_run(cfg: dict, sdxl=None) -> DryRunReport:
     return DryRunReport(lokr.get("save_dtype", "fp16"), list(groups.values()))
 
 
+# The training options beyond the recipe (issue 20): each defaults to what the epsilon recipe did.
+OPTION_KEYS = ("model.prediction_type", "model.zero_terminal_snr", "optimizer.name", "optimizer.schedule",
+               "optimizer.cycles", "data.caption_dropout", "data.bucket_no_upscale", "ema.decay",
+               "validation.samples", "train.log_with")
+
+
+def option_lines(cfg: dict) -> list[str]:
+    """One line per option of ``OPTION_KEYS``: its value, and whether it is the recipe's."""
+    from trainers.lokr.config import flatten, load_config
+
+    recipe, flat = flatten(load_config("epsilon")), flatten(cfg)
+    lines = ["training options (the recipe's unless marked):"]
+    for key in OPTION_KEYS:
+        mark = "" if flat[key] == recipe[key] else f"   <- not the recipe's {recipe[key]!r}"
+        lines.append(f"  {key:<26}{flat[key]!r}{mark}")
+    return lines
+
+
 def main(cfg: dict) -> int:
-    """`python -m trainers.lokr --dry-run [--config NAME]`: print the report; 0 when within budget."""
+    """`python -m trainers.lokr --dry-run [--config NAME]`: print the report and the training
+    options; 0 when within budget."""
     report = dry_run(cfg)
     print(report.table())
+    print("\n".join(option_lines(cfg)))
     return 0 if report.file_bytes < BUDGET_BYTES else 1

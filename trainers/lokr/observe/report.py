@@ -85,17 +85,22 @@ def render(run: Path, lines: list[dict]) -> str:
     finite = [v for v in loss if v is not None]
     tail = finite[-max(1, len(finite) // 10):]
     speeds = [x["images_per_s"] for x in lines if x.get("images_per_s")]
+    val = [x["val_loss"] for x in lines if x.get("val_loss") is not None]
     summary = h.table(["", ""], [
         ["steps logged", len(lines)], ["last step", steps[-1]], ["epoch", lines[-1].get("epoch")],
         ["last loss", loss[-1]], ["last smoothed loss", smoothed[-1]],
         ["mean loss, last 10 % of steps", sum(tail) / len(tail) if tail else None],
         ["skipped steps (non-finite loss)", lines[-1].get("skipped", 0)],
+        *([["last validation loss", val[-1]]] if val else []),
         ["median images/s", sorted(speeds)[len(speeds) // 2] if speeds else None],
     ], id="summary")
     charts = h.row(
         _line_chart(steps, {"raw": (loss, {"color": "#9db4d8", "linewidth": 0.8}),
                             f"smoothed ({SMOOTHING})": (smoothed, {"color": "#1f4e99", "linewidth": 1.6})},
                     "loss", "loss"),
+        *([_line_chart(steps, {"held-out": ([x.get("val_loss") for x in lines], {"marker": "o", "markersize": 3})},
+                       "validation loss (fixed noise and timesteps)", "loss")]
+          if val else []),
         _line_chart(steps, {"UNet": ([x.get("lr_unet") for x in lines], {}),
                             "text encoders": ([x.get("lr_text") for x in lines], {"linestyle": "--"})},
                     "learning rate", "lr"),

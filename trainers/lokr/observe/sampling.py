@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from hakubooru.errors import HakubooruError
 from trainers.lokr.distributed import all_reduce_sum
+from trainers.lokr.sdxl.prediction import sampler_config
 from trainers.lokr.sdxl.text import encode_prompts
 
 PROMPT_KEYS = ("prompt", "seed", "width", "height", "steps", "guidance", "negative_prompt")
@@ -43,6 +44,17 @@ def prompt_settings(sample_cfg: dict) -> list[dict]:
         full["seed"] = p.get("seed", k)
         out.append(full)
     return out
+
+
+def sampler(cfg: dict, sdxl):
+    """The ``sample.sampler`` scheduler on the training schedule: same prediction type (ε or v)
+    and betas (zero-terminal SNR rescaled, then "trailing" timesteps)."""
+    return _scheduler(cfg["sample"]["sampler"], sdxl)
+
+
+def _scheduler(name: str, sdxl):
+    scheduler_class = getattr(importlib.import_module("diffusers"), name)
+    return scheduler_class.from_config(sampler_config(scheduler_class, sdxl.noise_scheduler))
 
 
 def is_due(cfg: dict, step: int, total_steps: int) -> bool:
@@ -123,11 +135,10 @@ def sdxl_pipeline(sdxl, sampler: str):
     """diffusers' SDXL pipeline on the parts of ``sdxl`` (no copies), with scheduler class ``sampler``."""
     from diffusers import StableDiffusionXLPipeline
 
-    scheduler_class = getattr(importlib.import_module("diffusers"), sampler)
     return StableDiffusionXLPipeline(
         vae=sdxl.vae, text_encoder=sdxl.text_encoder_1, text_encoder_2=sdxl.text_encoder_2,
         tokenizer=sdxl.tokenizer_1, tokenizer_2=sdxl.tokenizer_2, unet=sdxl.unet,
-        scheduler=scheduler_class.from_config(sdxl.noise_scheduler.config), add_watermarker=False)
+        scheduler=_scheduler(sampler, sdxl), add_watermarker=False)
 
 
 def render(sdxl, cfg: dict, folder: Path, step: int, device, stopping=lambda: False) -> list[Path] | None:

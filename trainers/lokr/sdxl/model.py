@@ -13,6 +13,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from hakubooru.errors import HakubooruError
+from trainers.lokr.sdxl.prediction import Prediction, detect, scheduler_options
 
 SDXL_CONFIGS = Path(__file__).parent / "configs"
 # Subfolder of a diffusers SDXL folder -> the file that must be there for it to load.
@@ -48,16 +49,17 @@ class SDXL:
         return self
 
 
-def training_scheduler(config: dict | None = None) -> DDPMScheduler:
-    """SDXL's training noise schedule: DDPM, scaled-linear betas 0.00085..0.012, 1000 steps, ε."""
+def training_scheduler(config: dict | None = None, prediction: Prediction | None = None) -> DDPMScheduler:
+    """SDXL's training noise schedule: DDPM, scaled-linear betas 0.00085..0.012, 1000 steps; ε and
+    the betas as they are unless ``prediction`` says v and/or zero-terminal SNR (rescaled betas)."""
     base = dict(config or {})
     base.update(
         beta_start=base.get("beta_start", 0.00085),
         beta_end=base.get("beta_end", 0.012),
         beta_schedule="scaled_linear",
         num_train_timesteps=base.get("num_train_timesteps", 1000),
-        prediction_type="epsilon",
         clip_sample=False,
+        **scheduler_options(prediction or Prediction()),
     )
     return DDPMScheduler.from_config(base)
 
@@ -169,18 +171,22 @@ def load_sdxl(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
     `tokenizers` (any folder with `tokenizer/` and `tokenizer_2/`, such as a diffusers SDXL
     folder), else from `config` if it has them, else SDXL's own (bundled,
     `hakubooru.clip_tokenizer`). Weights are read one tensor at a time into the model
-    built on the meta device (no second copy); the VAE is always fp32, as stored. Never
+    built on the meta device (no second copy); the VAE is always fp32, as stored. The
+    training schedule is the base's (``prediction.detect``: ε or v, zero-terminal SNR). Never
     contacts the hub.
     """
     path = Path(path)
     if not path.exists():
         raise HakubooruError(f"pretrained model not found: {path}")
     if path.is_dir():
-        return _load_folder(path, dtype)
-    if path.suffix != ".safetensors":
+        sdxl = _load_folder(path, dtype)
+    elif path.suffix != ".safetensors":
         raise HakubooruError(f"{path}: expected a diffusers folder or a .safetensors checkpoint")
-    return _load_single_file(path, dtype, Path(config) if config else SDXL_CONFIGS,
-                             Path(tokenizers) if tokenizers else None)
+    else:
+        sdxl = _load_single_file(path, dtype, Path(config) if config else SDXL_CONFIGS,
+                                 Path(tokenizers) if tokenizers else None)
+    sdxl.noise_scheduler = training_scheduler(sdxl.noise_scheduler.config, detect(str(path), str(config or "")))
+    return sdxl
 
 
 def _load_folder(path: Path, dtype: torch.dtype) -> SDXL:
