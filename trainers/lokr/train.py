@@ -45,20 +45,13 @@ from trainers.lokr.observe.tblog import ScalarLog
 from trainers.lokr.observe.validation import Validation
 from trainers.lokr.optim.ema import EMA
 from trainers.lokr.optim.optimizers import check_bitsandbytes, make_optimizer, prodigy_class
-from trainers.lokr.optim.schedule import lr_factor as schedule_factor
+from trainers.lokr.optim.schedule import lr_factor
 from trainers.lokr.sdxl.text import encode_prompts
 
 KILL_AFTER_STATE_ENV = "LOKR_TEST_KILL_AFTER_STATE"  # tests: SIGKILL right after writing this step's state
 
 
 # ---------------------------------------------------------------- the pieces of one step
-
-def lr_factor(step: int, warmup_steps: int, schedule: str = "constant", total_steps: int = 0,
-              cycles: int = 1) -> float:
-    """Learning-rate multiplier at optimizer step ``step`` (0-based): linear warmup, then
-    ``optimizer.schedule`` (trainers/lokr/schedule.py)."""
-    return schedule_factor(step, warmup_steps, schedule, total_steps, cycles)
-
 
 @dataclass
 class Draws:
