@@ -59,6 +59,27 @@ class HubRepo:
         return f"{PREFIX}datasets/{self.repo_id}" + (f"@{self.revision}" if self.revision else "")
 
 
+HUB_CLIENT = (2, 4)  # huggingface_hub with the httpx client this module uses
+
+
+def check_hub_client(installed: str | None) -> None:
+    """One line unless ``installed`` (huggingface_hub's version, None: not installed) is at
+    least ``HUB_CLIENT``."""
+    numbers = tuple(int(n) for n in re.findall(r"\d+", installed or "")[:2])
+    if installed is None or numbers < HUB_CLIENT:
+        raise HakubooruError(f"hf:// sources need huggingface_hub >= {'.'.join(map(str, HUB_CLIENT))} (found "
+                             f"{installed or 'none'}): pip install 'hakubooru[hub]' (docs/hub.md; "
+                             "transformers 4.x pins huggingface_hub < 1, use transformers 5 beside it)")
+
+
+def _installed_hub_client() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("huggingface_hub")
+    except PackageNotFoundError:
+        return None
+
+
 def _endpoint(endpoint: str | None) -> str:
     from huggingface_hub import constants
     return (endpoint or constants.ENDPOINT).rstrip("/")
@@ -152,6 +173,7 @@ class HubSource:
         """Resolve ``images`` (and its index repository) to commits and list their tars.
         ``pinned``: a build's recorded ``images_source``; a repository given without a
         revision reads the commit recorded there (a resumed build reads the same files)."""
+        check_hub_client(_installed_hub_client())
         from huggingface_hub import HfApi
 
         data = HubRepo.parse(images)

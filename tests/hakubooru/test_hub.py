@@ -102,6 +102,20 @@ def test_hub_urls_parse_and_bad_ones_are_one_line():
             HubRepo.parse(bad)
 
 
+def test_hub_client_version_is_checked_by_hand():
+    # hf:// needs huggingface_hub 2.4 or later (its httpx client); 0.x and 1.x, which
+    # transformers 4.x installs, or none at all, are one line naming the extra
+    from hakubooru.hub import check_hub_client
+
+    for ok in ("2.4.0", "2.10.1", "3.0.0rc1", "10.0"):
+        check_hub_client(ok)
+    for bad in ("0.36.0", "1.9.9", "2.3.99", None):
+        with pytest.raises(HakubooruError) as e:
+            check_hub_client(bad)
+        assert str(e.value).startswith(f"hf:// sources need huggingface_hub >= 2.4 (found {bad or 'none'}): "
+                                       "pip install 'hakubooru[hub]'")
+
+
 def test_index_json_members_with_folders_and_dot_slash(tmp_path):
     tar_path = tmp_path / "t.tar"
     with tarfile.open(tar_path, "w") as tar:
