@@ -72,11 +72,15 @@ class RayShards:
                   "logging_level": logging.ERROR, "configure_logging": True}
         if self.options.address == LOCAL:
             kwargs.update(num_cpus=self.options.tasks or os.cpu_count(), include_dashboard=False)
+        # ray.init installs a SIGTERM handler (sys.exit) that outlives the build, and every process
+        # forked later inherits it: the one from before comes back last, after the shutdown
+        self._stack.callback(_set_sigterm, signal.getsignal(signal.SIGTERM))
         try:
             self.ray.init(**kwargs)
         except Exception as e:  # ConnectionError, RuntimeError, ValueError (a bad address)
             with contextlib.suppress(Exception):
                 self.ray.shutdown()  # whatever a failed start left running
+            self._stack.close()
             raise HakubooruError(f"cannot {'start' if self.options.address == LOCAL else 'reach'} "
                                  f"Ray at {self.options.address}: {_first_line(e)}") from None
         self._stack.callback(self.ray.shutdown)
@@ -199,6 +203,11 @@ def _absolute(entries: list) -> list:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def _set_sigterm(handler) -> None:
+    with contextlib.suppress(ValueError, TypeError):  # not the main thread; None: not set from Python
+        signal.signal(signal.SIGTERM, handler)
 
 
 @contextlib.contextmanager

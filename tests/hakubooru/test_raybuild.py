@@ -158,9 +158,13 @@ def test_local_ray_in_process_gives_the_same_bytes_and_leaves_no_process(demo, t
             monkeypatch.setenv(name, value)
     try:
         capfd.readouterr()
+        before = signal.getsignal(signal.SIGTERM)
         result = build_shards(demo["db"], demo["images"], demo["sel"], tmp_path / "ray",
                               shard_size=SHARD_SIZE, cache_dir=demo["tmp"] / "cache", progress=False,
                               ray="local", ray_tasks=2)
+        # Ray's own SIGTERM handler (sys.exit) does not outlive the build: processes forked
+        # afterwards (tag counting, DataLoader workers) would inherit it
+        assert signal.getsignal(signal.SIGTERM) is before
         assert (result.shards_built, result.ray_retries, result.complete) == (6, 0, True)
         assert capfd.readouterr().err.splitlines() == [result.summary()]  # no line of Ray's
         assert folder_bytes(tmp_path / "ray") == folder_bytes(demo["out"])
