@@ -7,6 +7,7 @@ import pytest
 
 from hakubooru.errors import HakubooruError
 from tests.helpers.shards import make_test_shards
+from tests.helpers.trainer_cli import run_cli
 from trainers.lokr.config import load_config
 from trainers.lokr.train import train
 
@@ -84,13 +85,16 @@ def test_resume_purges_only_the_events_past_the_resumed_state(tmp_path):
 
 
 @pytest.mark.slow
-def test_scalars_reach_an_offline_wandb_run(tmp_path, monkeypatch):
+def test_scalars_reach_an_offline_wandb_run(tmp_path):
     pytest.importorskip("wandb", reason="the wandb package is not installed (test extra)")
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
     shards = make_test_shards(tmp_path / "shards", n=12).dir
     out = tmp_path / "run"
-    train(load_config("tiny", ["train.max_steps=2", "train.log_with=wandb"]), shards, out)
+    # in a process of its own: wandb leaves threads and its wandb-core child in the process that
+    # used it, and a fork of a process with such threads (DataLoader workers, tag counting in later
+    # tests) can deadlock
+    done = run_cli(["--config", "tiny", "--shards", str(shards), "--output", str(out), "--max-steps", "2",
+                    "--set", "train.log_with=wandb"], {"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    assert done.returncode == 0, done.stderr
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     files = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 1
