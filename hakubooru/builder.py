@@ -31,7 +31,7 @@ from .errors import HakubooruError
 from .hub import HubSource, is_hub
 from .hubfetch import ShardStager
 from .images import IMAGE_EXTS, OWN_FORMAT, BadImage, ImagePolicy, prepare
-from .procs import die_with_parent
+from .procs import forking, worker_start
 from .raybuild import DEFAULT_RETRIES, RayOptions, RayShards, import_ray
 from .selector import Selection, load_selection
 from .shardwriter import CHECKSUM, ShardWriter, member_hash
@@ -336,9 +336,13 @@ def _count(result: BuildResult, sidecar: dict) -> None:
 
 
 def _pool(workers: int) -> cf.ProcessPoolExecutor:
-    # fork: `python -m hakubooru` cannot be re-imported by spawned children
-    return cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
-                                  initializer=die_with_parent, initargs=(os.getpid(),))
+    """A started pool of ``workers`` forked processes (`python -m hakubooru` cannot be
+    re-imported by spawned children)."""
+    pool = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                                  initializer=worker_start, initargs=(os.getpid(),))
+    with forking():
+        pool.submit(int)  # a fork pool starts all its workers at its first task
+    return pool
 
 
 def _verify(out: Path, shards: list, workers: int):

@@ -1,13 +1,19 @@
-"""die_with_parent(): a worker process ends when its parent dies, even by SIGKILL.
+"""Worker processes that end with their parent and do not run its signal handlers.
 
 Worker pools keep their task queues' write ends open in every worker, so a worker whose parent
-was killed waits for a task forever. Call ``die_with_parent(os.getpid())`` (the parent's pid,
+was killed waits for a task forever. Call ``worker_start(os.getpid())`` (the parent's pid,
 taken in the parent) first thing in each worker: on Linux the kernel then sends the worker
 SIGKILL when the thread that forked it ends (pools here fork from the thread that calls them);
 elsewhere a daemon thread polls the parent pid every second.
+
+A forked worker also inherits its parent's Python signal handlers. A handler that raises
+(Ctrl-C's, Ray's ``sys.exit``) would unwind a worker that gets SIGTERM while it starts out of
+multiprocessing and into the parent's own code, running on in the copy. So fork inside
+``forking()``, which holds SIGINT and SIGTERM back until ``worker_start`` has reset them.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import multiprocessing
 import os
@@ -17,6 +23,33 @@ import threading
 import time
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+HELD = {signal.SIGINT, signal.SIGTERM}
+
+
+@contextlib.contextmanager
+def forking():
+    """Fork workers inside this block: SIGINT and SIGTERM wait until it ends (in this process,
+    where they then act as usual) or until ``worker_start`` (in a worker forked meanwhile)."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, HELD)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
+def worker_start(parent_pid: int) -> None:
+    """First thing in a worker: SIGTERM ends it, SIGINT is left to the parent (which ends its
+    workers), and it dies with process ``parent_pid``."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD)
+    die_with_parent(parent_pid)
 
 
 def die_with_parent(parent_pid: int) -> None:
@@ -35,8 +68,9 @@ def ordered_map(func, items: list, workers: int, chunksize: int = 1):
     if workers <= 1 or len(items) <= 1:
         yield from map(func, items)
         return
-    pool = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn").Pool(
-        min(workers, len(items)), die_with_parent, (os.getpid(),))
+    with forking():
+        pool = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn").Pool(
+            min(workers, len(items)), worker_start, (os.getpid(),))
     try:
         yield from pool.imap(func, items, chunksize=chunksize)
     finally:

@@ -213,3 +213,10 @@ def test_two_torchrun_ranks_give_the_same_table(run, setup):
     assert done.returncode == 0, done.stderr[-3000:]
     _same_run(run, out)
     assert done.stdout.count("eval: base CCIP") == 1  # rank 0 alone reports
+
+
+def test_an_eval_in_this_process_leaves_sigterm_as_it_found_it(setup, tmp_path, capsys):
+    before = signal.getsignal(signal.SIGTERM)
+    assert lokr_main(_args(setup, tmp_path / "e", "--references", "100000")) == 2  # stops once SIGTERM is set
+    assert "no character of" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -20,7 +20,7 @@ from PIL import Image
 
 from hakubooru.errors import HakubooruError
 from hakubooru.images import to_rgb
-from hakubooru.procs import die_with_parent
+from hakubooru.procs import forking, worker_start
 from hakubooru.rng import hash64, hash64_array, uniform
 from trainers.lokr.data.augment import GROUPS, augment_caption, augment_text
 from trainers.lokr.data.bucketing import assign_buckets, crop_box
@@ -308,7 +308,7 @@ def make_loader(dataset: BatchDataset, start: int = 0, workers: int = 0):
     read. A HakubooruError raised in a worker process arrives as its own one line; a worker
     ends at once when this process dies, even by SIGKILL."""
     # forked workers (Linux's default before Python 3.14): their parent is this process, which
-    # die_with_parent checks; under forkserver it would be the server
+    # worker_start checks; under forkserver it would be the server
     context = multiprocessing.get_context("fork") if workers and sys.platform.startswith("linux") else None
     loader = torch.utils.data.DataLoader(dataset, batch_size=None, sampler=range(start, len(dataset)),
                                          num_workers=workers, multiprocessing_context=context,
@@ -317,7 +317,7 @@ def make_loader(dataset: BatchDataset, start: int = 0, workers: int = 0):
 
 
 def _init_worker(parent_pid: int, worker_id: int) -> None:
-    die_with_parent(parent_pid)
+    worker_start(parent_pid)
 
 
 def _one_line_errors(loader):
@@ -328,7 +328,8 @@ def _one_line_errors(loader):
     parent's objects into each worker (149 MiB a worker at 5.2M samples, benchmarks/bench_scale.py)."""
     gc.freeze()
     try:
-        batches = iter(loader)  # forks the workers
+        with forking():
+            batches = iter(loader)  # forks the workers
     finally:
         gc.unfreeze()  # this process collects as before; its writes copy pages for it alone
     try:

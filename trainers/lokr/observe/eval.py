@@ -90,13 +90,13 @@ def main(argv=None) -> int:
     shards = shard_folder(args.shards)
     from trainers.lokr.config import load_config
     cfg = load_config(args.config, [*args.set, ("model.pretrained", args.pretrained)])
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops like Ctrl-C
 
     from trainers.lokr.distributed import barrier, init_distributed, shutdown
     from trainers.lokr.observe import eval_characters as ec
     from trainers.lokr.observe.eval_run import collect_scores, render_and_score
 
     dist = init_distributed()
+    before = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops like Ctrl-C
     try:
         progress = dist.is_main and not args.no_progress
         chosen = ec.choose_characters(shards, ec.tag_types(args.db), characters=args.characters,
@@ -134,6 +134,7 @@ def main(argv=None) -> int:
             print("eval: " + "; ".join(f"{m['name']} CCIP {m['ccip']:.4f}, same {m['same']:.3f}"
                                        for m in summary["models"]) + f" -> {out}/index.html")
     finally:
+        signal.signal(signal.SIGTERM, before)
         shutdown(dist)
     return 0
 
