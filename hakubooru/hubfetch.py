@@ -24,11 +24,9 @@ from tqdm import tqdm
 from .errors import HakubooruError
 from .hub import HubSource
 from .rangefetch import Failure, RangeFetcher, Want, plan_spans
-from .sources import Member, Unavailable
+from .sources import FAILED_FILE, NOT_IN_INDEX_FILE, Member, Unavailable
 
 STAGING_DIR = ".hub-staging"
-NOT_IN_INDEX_FILE = "not-in-index.txt"
-FAILED_FILE = "fetch-failed.tsv"
 DEFAULT_CONNECTIONS = 16
 DEFAULT_RETRIES = 5
 

@@ -32,6 +32,10 @@ from .errors import HakubooruError
 MEMBER_NAME = re.compile(r"^(\d{1,18})\.([A-Za-z0-9]+)$")  # 18 digits: always an int64
 BUCKETED_TAR = re.compile(r"^data-\d(\d{3})\.tar$")
 BASE_FOLDERS = ("images", "original", "recent")
+# what `fetch` writes beside the images it fetches into a folder (not members, not counted)
+NOT_IN_INDEX_FILE = "not-in-index.txt"
+FAILED_FILE = "fetch-failed.tsv"
+FETCH_REPORTS = (NOT_IN_INDEX_FILE, FAILED_FILE)
 CACHE_ENV = "HAKUBOORU_TARINDEX_CACHE"
 INDEX_VERSION = 2
 
@@ -128,7 +132,7 @@ def index_tar(path, cache_dir=None) -> MemberIndex:
 def _scan_folder(folder: Path) -> tuple[list[Path], MemberIndex]:
     files, ids, sizes, exts, ignored = [], [], [], [], 0
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-        if entry.name.endswith(".tar") or entry.name in BASE_FOLDERS + ("updates",):
+        if entry.name.endswith(".tar") or entry.name in BASE_FOLDERS + ("updates",) + FETCH_REPORTS:
             continue
         match = MEMBER_NAME.match(entry.name)
         if match is None or not entry.is_file():

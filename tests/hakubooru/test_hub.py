@@ -23,6 +23,7 @@ from hakubooru.hub import HubRepo, parse_index
 from hakubooru.hubfetch import FAILED_FILE, NOT_IN_INDEX_FILE, fetch_selection
 from hakubooru import rangefetch
 from hakubooru.rangefetch import TAR_HEADER, RangeFetcher, Want, plan_spans
+from hakubooru.sources import ImageSource
 from tests.helpers import REPO
 from tests.helpers.archives import archive_members, folder_bytes
 from tests.helpers.hubserver import FakeHub, archive_repos, tar_index
@@ -168,7 +169,6 @@ def test_updates_tars_come_from_the_file_list_and_override_as_on_disk(hub, tmp_p
     hub.add_repo("deepghs/danbooru2023_index", index)
     from hakubooru.hub import HubSource
     from hakubooru.hubfetch import fetch_located
-    from hakubooru.sources import ImageSource
     source = HubSource.open("hf://datasets/nyanko7/danbooru2023")
     ids = np.array([1001, 2001, 3001], np.int64)
     located = source.locate(ids)
@@ -422,6 +422,8 @@ def test_fetch_counts_failures_with_reasons_and_writes_their_ids(hub, synth_demo
     assert result.failed == {"http_503": 1} and result.fetched == len(members) - 1
     lines = (tmp_path / "got" / FAILED_FILE).read_text().splitlines()
     assert [line.split("\t")[:2] for line in lines] == [[str(members[0]), "http_503"]]
+    (tmp_path / "got" / "notes.txt").write_text("a user's file")
+    assert ImageSource.open(tmp_path / "got").ignored_members == 1  # the fetch's own files are not members
 
 
 @pytest.mark.slow
