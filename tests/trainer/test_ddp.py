@@ -124,3 +124,37 @@ def test_ddp_timeout_is_how_long_a_collective_waits(tmp_path, timeout, rank0):
                            str(probe), str(timeout), str(tmp_path / "gave-up")], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
     assert f"rank 0 woke; rank 1 {rank0}" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+
+
+ON_MAIN = """
+import json, sys
+from pathlib import Path
+from hakubooru.errors import HakubooruError
+from trainers.lokr.distributed import init_distributed, on_main, shutdown
+
+d, out = init_distributed(), Path(sys.argv[1])
+def compute():
+    (out / f"ran-{d.rank}").touch()
+    return {"from": d.rank}
+def fail():
+    raise HakubooruError("nothing qualifies")
+got = on_main(compute, d)
+try:
+    on_main(fail, d)
+except HakubooruError as e:
+    (out / f"got-{d.rank}.json").write_text(json.dumps([got, str(e)]))
+shutdown(d)
+"""
+
+
+def test_work_on_main_runs_on_rank_0_alone_and_every_rank_gets_its_result_or_error(tmp_path):
+    script = tmp_path / "on_main.py"
+    script.write_text(ON_MAIN)
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", PYTHONPATH=str(REPO))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(script), str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.glob("ran-*")) == ["ran-0"]
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"got-{rank}.json").read_text()) == [{"from": 0}, "nothing qualifies"]

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from hakubooru.errors import HakubooruError
+
 DEFAULT_TIMEOUT_S = 1800  # torch's own default for gloo and nccl: 30 min
 
 
@@ -82,6 +84,24 @@ def all_reduce_grads(params, d: Dist, bucket_numel: int = 1 << 25) -> None:
                 g.copy_(flat[offset:offset + g.numel()].view_as(g))
                 offset += g.numel()
             bucket, size = [], 0
+
+
+def on_main(compute, d: Dist):
+    """``compute()`` run on rank 0 alone and its (picklable) result given to every rank; a
+    HakubooruError there is raised on every rank, so none waits for a result that never comes."""
+    if d.world_size == 1:
+        return compute()
+    box = [None]
+    if d.is_main:
+        try:
+            box[0] = (True, compute())
+        except HakubooruError as e:
+            box[0] = (False, str(e))
+    dist.broadcast_object_list(box, src=0)
+    ok, value = box[0]
+    if not ok:
+        raise HakubooruError(value)
+    return value
 
 
 def barrier(d: Dist) -> None:

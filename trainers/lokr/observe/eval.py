@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     from trainers.lokr.config import load_config
     cfg = load_config(args.config, [*args.set, ("model.pretrained", args.pretrained)])
 
-    from trainers.lokr.distributed import barrier, init_distributed, shutdown
+    from trainers.lokr.distributed import barrier, init_distributed, on_main, shutdown
     from trainers.lokr.observe import eval_characters as ec
     from trainers.lokr.observe.eval_run import collect_scores, render_and_score
 
@@ -99,8 +99,9 @@ def main(argv=None) -> int:
     before = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops like Ctrl-C
     try:
         progress = dist.is_main and not args.no_progress
-        chosen = ec.choose_characters(shards, ec.tag_types(args.db), characters=args.characters,
-                                      references=args.references, seed=args.seed, progress=progress)
+        chosen = on_main(lambda: ec.choose_characters(  # one read of the records, on rank 0
+            shards, ec.tag_types(args.db), characters=args.characters, references=args.references,
+            seed=args.seed, progress=progress), dist)
         if not chosen:
             raise HakubooruError(f"no character of {shards} has {args.references} single-character samples "
                                  "(1girl/1boy/1other and one character tag); lower --references, or check that "
