@@ -59,8 +59,9 @@ class TagTokens:
         return {k: v for k, v in self.__dict__.items() if k not in ("_tok", "_values", "index")}
 
     def __setstate__(self, state):
-        self.__dict__.update(state, _tok=None, _values=pa.array(self.names, pa.string()),
-                             index={t: i for i, t in enumerate(self.names)})
+        self.__dict__.update(state)
+        self._tok, self._values = None, pa.array(self.names, pa.string())
+        self.index = {t: i for i, t in enumerate(self.names)}
 
     def _tokenizer(self):
         if self._tok is None:
