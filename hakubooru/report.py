@@ -1,11 +1,12 @@
 """The numbers of a dataset report on a built shard folder (see docs/report.md).
 
 Reads ``manifest.json``, ``index.parquet``, ``skipped.parquet``, ``tag_counts.parquet`` and
-every sample's ``.json`` record (one positioned read each, at the offset the index gives); never
-an image. The general tags are not counted again: their counts are the build's tag counts less
-the other groups' tags, which are few (a folder without stored counts counts them too). The
-training-bucket section is the trainer's to add (``python -m trainers.lokr report --dataset``,
-docs/architecture.md): this library never imports its trainer.
+every sample's ``.json`` record (one positioned read each, at the offset the index gives, parsed
+and counted column by column in :mod:`hakubooru.report_scan`); never an image. The general tags
+are not counted again: their counts are the build's tag counts less the other groups' tags,
+which are few (a folder without stored counts counts them too). The training-bucket section is
+the trainer's to add (``python -m trainers.lokr report --dataset``, docs/architecture.md): this
+library never imports its trainer.
 """
 from __future__ import annotations
 
