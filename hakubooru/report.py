@@ -22,7 +22,7 @@ from tqdm import tqdm
 from .captioner import CAPTION_GROUPS
 from .errors import HakubooruError
 from .manifest import INDEX_FILE, MANIFEST_FILE, SKIPPED_FILE
-from .report_scan import RecordCounts, TagTokens, init_worker, scan
+from .report_scan import RecordCounts, init_worker, scan, tokenize
 from .shardfolder import shard_runs
 from .tagcounts import read_tag_counts
 from .db import RATINGS
@@ -87,7 +87,7 @@ def collect(shards_dir, *, max_windows: int = 3, db=None, workers: int = 1,
     manifest = _read_json_file(root / MANIFEST_FILE) or {}
     tag_types = load_tag_types(db) if db is not None else None
     totals = read_tag_counts(root, manifest["fingerprint"]) if manifest.get("fingerprint") else None
-    tokens = TagTokens(totals or ())  # every stored tag tokenized once, here, not in each worker
+    stored = list(totals or ())  # every stored tag tokenized once, not once in each worker
 
     shard = table.column("shard").combine_chunks()
     names = [str(n) for n in shard.dictionary.to_pylist()]
@@ -97,8 +97,8 @@ def collect(shards_dir, *, max_windows: int = 3, db=None, workers: int = 1,
     ids = table.column("id").to_numpy()
     tasks = [(str(root / names[codes[rows[0]]]), offsets[rows], sizes[rows], ids[rows])
              for rows in shard_runs(codes, offsets)]
-    counts = _scan_all(tasks, tokens, max_windows, totals is not None, workers, progress)
-    tags = _tag_counters(counts, tokens.names[:tokens.stored], tag_types, totals)
+    counts = _scan_all(tasks, stored, max_windows, totals is not None, workers, progress)
+    tags = _tag_counters(counts, stored, tag_types, totals)
 
     width = table.column("width").to_numpy().astype(np.int64)
     height = table.column("height").to_numpy().astype(np.int64)
@@ -116,24 +116,29 @@ def collect(shards_dir, *, max_windows: int = 3, db=None, workers: int = 1,
 _TASKS_PER_WORKER = 8
 
 
-def _scan_all(tasks: list, tokens: TagTokens, max_windows: int, derive: bool, workers: int,
+def _scan_all(tasks: list, stored: list[str], max_windows: int, derive: bool, workers: int,
               progress: bool) -> RecordCounts:
-    """The counts of every shard run, in ``workers`` processes (spawned) or in this one."""
+    """The counts of every shard run, in ``workers`` processes (spawned) or in this one; the
+    stored tags are tokenized once, split among the same processes."""
     per_task = -(-len(tasks) // (workers * _TASKS_PER_WORKER))  # few merges, a bar that still moves
     chunks = [tasks[i:i + per_task] for i in range(0, len(tasks), per_task)]
-    total = RecordCounts(WINDOW * max_windows, derive, tokens.stored)
-    bar = tqdm(total=sum(len(t[2]) for t in tasks), unit="rec", disable=not progress, desc="records")
-    setup = (tokens, WINDOW * max_windows, derive)
+    total = RecordCounts(WINDOW * max_windows, derive, len(stored))
+    setup = (stored, WINDOW * max_windows, derive)
     if workers == 1 or len(chunks) == 1:
         init_worker(*setup, threads=True)
-        parts = map(scan, chunks)
-        pool = None
+        tokens = tokenize(stored)
+        pool, parts = None, map(scan, [(chunk, tokens) for chunk in chunks])
     else:
         import multiprocessing
 
         pool = multiprocessing.get_context("spawn").Pool(min(workers, len(chunks)), init_worker, setup)
-        parts = pool.imap(scan, chunks)  # in order: the merged counts do not depend on it anyway
+    bar = tqdm(total=sum(len(t[2]) for t in tasks), unit="rec", disable=not progress, desc="records")
     try:
+        if pool is not None:
+            step = -(-len(stored) // (workers * 4)) or 1
+            tokens = tuple(map(np.concatenate, zip(*pool.map(tokenize, [stored[i:i + step] for i in
+                                                                       range(0, len(stored), step)] or [[]]))))
+            parts = pool.imap(scan, [(chunk, tokens) for chunk in chunks])  # in order (the sums do not depend on it)
         for part in parts:
             total.merge(part)
             bar.update(part.samples)

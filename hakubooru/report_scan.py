@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
+from functools import lru_cache
 
 import numpy as np
 import pyarrow as pa
@@ -36,60 +37,57 @@ _PARSE = pa_json.ParseOptions(explicit_schema=SCHEMA, unexpected_field_behavior=
 _BOM = "\ufeff".encode()  # json.loads refuses it at a record's start, Arrow skips it
 
 
+@lru_cache(maxsize=1)
+def _tokenizer():
+    try:
+        from .clip_tokenizer import sdxl_tokenizer
+    except ImportError:
+        raise HakubooruError("caption token lengths need transformers (the train extra): "
+                             "pip install 'hakubooru[train]'") from None
+    tok = sdxl_tokenizer(1).backend_tokenizer
+    tok.no_truncation()
+    tok.no_padding()
+    return tok
+
+
+def tokenize(tags: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """CLIP tokens of each tag (in one batch): alone, and followed by the separator's comma. A
+    tag ending in a letter or digit is followed by the comma as a pre-token of its own (one more
+    token); one ending in punctuation may merge with it (``"),"``), so that form is tokenized too."""
+    tok = _tokenizer() if tags else None
+    alone = np.array([len(enc.ids) for enc in tok.encode_batch(tags, add_special_tokens=False)] if tags else [],
+                     dtype=np.int64)
+    with_comma = alone + 1
+    odd = [i for i, tag in enumerate(tags) if not tag[-1:].isalnum()]
+    comma = SEPARATOR.strip()
+    for i, enc in zip(odd, tok.encode_batch([tags[i] + comma for i in odd], add_special_tokens=False) if odd else ()):
+        with_comma[i] = len(enc.ids)
+    return alone, with_comma
+
+
 class TagTokens:
     """CLIP token counts of tags, by code (a tag's place in ``names``): CLIP's pre-tokenizer
     splits at whitespace, so ``"a, b"`` tokenizes as ``"a,"`` then ``"b"`` and a caption's
     tokens are its tags' tokens (each with its separating comma, the last without), in order.
 
-    ``stored``: the folder's stored tag counts' tags, tokenized first (codes below
-    ``self.stored``); the tags met later are tokenized when first seen and get the next codes."""
+    ``stored``: the folder's stored tag counts' tags (codes below ``self.stored``), with their
+    ``tokens`` (:func:`tokenize`'s) if tokenized already; the tags met later are tokenized when
+    first seen and get the next codes."""
 
-    def __init__(self, stored=()):
-        self._tok = None
-        self.names: list[str] = []
-        self.index: dict[str, int] = {}
-        self.with_comma = np.zeros(0, dtype=np.int64)
-        self.alone = np.zeros(0, dtype=np.int64)
-        self._values = pa.array([], pa.string())
+    def __init__(self, stored=(), tokens: tuple[np.ndarray, np.ndarray] | None = None):
+        self.names: list[str] = list(dict.fromkeys(stored))
+        self.index = {t: i for i, t in enumerate(self.names)}
+        self.alone, self.with_comma = tokens if tokens is not None else tokenize(self.names)
+        self._values = pa.array(self.names, pa.string())
         self._forms = np.zeros(0, dtype=np.int64)
-        self.learn(stored)
         self.stored = len(self.names)
 
-    def __getstate__(self):  # for the worker processes: no tokenizer, no Arrow array
-        return {k: v for k, v in self.__dict__.items() if k not in ("_tok", "_values", "index")}
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._tok, self._values = None, pa.array(self.names, pa.string())
-        self.index = {t: i for i, t in enumerate(self.names)}
-
-    def _tokenizer(self):
-        if self._tok is None:
-            try:
-                from .clip_tokenizer import sdxl_tokenizer
-                self._tok = sdxl_tokenizer(1).backend_tokenizer
-            except ImportError:
-                raise HakubooruError("caption token lengths need transformers (the train extra): "
-                                     "pip install 'hakubooru[train]'") from None
-            self._tok.no_truncation()
-            self._tok.no_padding()
-        return self._tok
-
     def learn(self, tags) -> None:
-        """Tokenize the tags not known yet (in one batch) and give them the next codes. A tag
-        ending in a letter or digit is followed by the comma as a pre-token of its own (one more
-        token); one ending in punctuation may merge with it (``"),"``), so that form is
-        tokenized too."""
+        """Tokenize the tags not known yet and give them the next codes."""
         new = [t for t in dict.fromkeys(tags) if t not in self.index]
         if not new:
             return
-        tok = self._tokenizer()
-        alone = [len(enc.ids) for enc in tok.encode_batch(new, add_special_tokens=False)]
-        with_comma = [n + 1 for n in alone]
-        odd = [i for i, tag in enumerate(new) if not tag[-1:].isalnum()]
-        comma = SEPARATOR.strip()
-        for i, enc in zip(odd, tok.encode_batch([new[i] + comma for i in odd], add_special_tokens=False)):
-            with_comma[i] = len(enc.ids)
+        alone, with_comma = tokenize(new)
         self.index.update((t, i) for i, t in enumerate(new, start=len(self.names)))
         self.names += new
         self.alone = np.concatenate([self.alone, alone])
@@ -373,14 +371,20 @@ def _python_table(records: list[bytes], runs) -> pa.Table:
 _WORKER: dict = {}
 
 
-def init_worker(tokens: TagTokens, limit: int, derive: bool, threads: bool = False) -> None:
-    """Set up a process to scan records (``threads``: Arrow may parse on several threads)."""
-    _WORKER.update(tokens=tokens, limit=limit, derive=derive, threads=threads)
+def init_worker(stored: list[str], limit: int, derive: bool, threads: bool = False) -> None:
+    """Set up a process to scan records: ``stored``, the folder's stored tags (tokenized by
+    :func:`tokenize`, the counts given with the first runs to scan); ``threads``: Arrow may
+    parse on several threads."""
+    _WORKER.update(stored=stored, tokens=None, limit=limit, derive=derive, threads=threads)
 
 
-def scan(runs) -> RecordCounts:
-    """The counts of some shard runs ``(path, offsets, sizes, ids)`` (in a worker process set
-    up by :func:`init_worker`, or in this one)."""
+def scan(task) -> RecordCounts:
+    """The counts of some shard runs ``(path, offsets, sizes, ids)``, given with the stored
+    tags' token counts as ``(runs, tokens)`` (in a worker process set up by
+    :func:`init_worker`, or in this one)."""
+    runs, stored_tokens = task
+    if _WORKER["tokens"] is None:
+        _WORKER["tokens"] = TagTokens(_WORKER["stored"], stored_tokens)
     tokens = _WORKER["tokens"]
     counts = RecordCounts(_WORKER["limit"], _WORKER["derive"], tokens.stored)
     for batch in _batches(runs):
