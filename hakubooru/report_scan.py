@@ -54,14 +54,16 @@ def tokenize(tags: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """CLIP tokens of each tag (in one batch): alone, and followed by the separator's comma. A
     tag ending in a letter or digit is followed by the comma as a pre-token of its own (one more
     token); one ending in punctuation may merge with it (``"),"``), so that form is tokenized too."""
-    tok = _tokenizer() if tags else None
-    alone = np.array([len(enc.ids) for enc in tok.encode_batch(tags, add_special_tokens=False)] if tags else [],
-                     dtype=np.int64)
+    if not tags:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    tok = _tokenizer()
+    alone = np.array([len(enc.ids) for enc in tok.encode_batch(tags, add_special_tokens=False)], dtype=np.int64)
     with_comma = alone + 1
     odd = [i for i, tag in enumerate(tags) if not tag[-1:].isalnum()]
-    comma = SEPARATOR.strip()
-    for i, enc in zip(odd, tok.encode_batch([tags[i] + comma for i in odd], add_special_tokens=False) if odd else ()):
-        with_comma[i] = len(enc.ids)
+    if odd:
+        comma = SEPARATOR.strip()
+        for i, enc in zip(odd, tok.encode_batch([tags[i] + comma for i in odd], add_special_tokens=False)):
+            with_comma[i] = len(enc.ids)
     return alone, with_comma
 
 
