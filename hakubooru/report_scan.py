@@ -330,7 +330,7 @@ def _arrow_table(records: list[bytes], threads: bool) -> pa.Table | None:
     return table
 
 
-def is_caption_record(rec) -> bool:
+def _is_caption_record(rec) -> bool:
     """Whether a parsed record has a rating (text or null) and the caption groups (lists of text)."""
     return (isinstance(rec, dict) and isinstance(rec.get("rating", 0), (str, type(None)))
             and all(isinstance(rec.get(g), list) and all(isinstance(t, str) for t in rec[g]) for g in CAPTION_GROUPS))
@@ -354,7 +354,7 @@ def _python_table(records: list[bytes], runs) -> pa.Table:
                 raise HakubooruError(f"post {post_id} in {path}: its .json record is not valid JSON; "
                                      "rebuild the shard") from None
         for rec in rows:
-            if not is_caption_record(rec):
+            if not _is_caption_record(rec):
                 raise _lacks_groups(rec, path)
         parsed += [{**{g: rec[g] for g in CAPTION_GROUPS}, "rating": rec["rating"] or "", "_where": (rec, path)}
                    for rec in rows]
