@@ -1,18 +1,17 @@
 """The numbers of a dataset report on a built shard folder (see docs/report.md).
 
 Reads ``manifest.json``, ``index.parquet``, ``skipped.parquet``, ``tag_counts.parquet`` and
-every sample's ``.json`` record (one positioned read each, at the offset the index gives); never
-an image. The general tags are not counted again: their counts are the build's tag counts less
-the other groups' tags, which are few (a folder without stored counts counts them too). The
-training-bucket section is the trainer's to add (``python -m trainers.lokr report --dataset``,
-docs/architecture.md): this library never imports its trainer.
+every sample's ``.json`` record (one positioned read each, at the offset the index gives, parsed
+and counted column by column in :mod:`hakubooru.report_scan`); never an image. The general tags
+are not counted again: their counts are the build's tag counts less the other groups' tags,
+which are few (a folder without stored counts counts them too). The training-bucket section is
+the trainer's to add (``python -m trainers.lokr report --dataset``, docs/architecture.md): this
+library never imports its trainer.
 """
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
-from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +22,9 @@ from tqdm import tqdm
 from .captioner import CAPTION_GROUPS
 from .errors import HakubooruError
 from .manifest import INDEX_FILE, MANIFEST_FILE, SKIPPED_FILE
+from .report_scan import RecordCounts, init_worker, scan, tokenize
 from .shardfolder import shard_runs
-from .tagcounts import add_tags, read_tag_counts
+from .tagcounts import read_tag_counts
 from .db import RATINGS
 from .quality import LOWEST_QUALITY, QUALITY_LEVELS
 from .tagrules import PEOPLE_COUNT_TAGS, TAG_GROUPS, YEAR_TAGS, format_tag
@@ -32,7 +32,6 @@ from .tagrules import PEOPLE_COUNT_TAGS, TAG_GROUPS, YEAR_TAGS, format_tag
 TOP_TAGS = 50
 THRESHOLDS = (1000, 100)  # model card: ≥ 1000 posts "should work", ≥ 100 "may work with emphasis"
 WINDOW = 75               # CLIP tokens per window (SDXL: BOS + 75 + EOS)
-SEPARATOR = ", "          # the trainer rebuilds captions from the record with this separator
 _KEEP_REST = "character/copyright/artist"
 _PEOPLE = frozenset(format_tag(t) for t in PEOPLE_COUNT_TAGS)
 
@@ -73,94 +72,6 @@ def _read_index(root: Path) -> pa.Table:
         raise HakubooruError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
 
 
-class _TokenLengths:
-    """CLIP token counts of captions, from per-tag counts: CLIP's pre-tokenizer splits at
-    whitespace, so ``"a, b"`` tokenizes as ``"a,"`` then ``"b"`` and a caption's tokens are
-    its tags' tokens (each with its separating comma, the last without), in order.
-
-    ``frozen``: the tags learnt so far are the folder's stored tag counts; a caption with any
-    other tag is reported as not ``clean`` (its tags are learnt apart, never mixed in)."""
-
-    def __init__(self, with_comma: dict | None = None, alone: dict | None = None, frozen: bool = False):
-        self._tok = None
-        self.with_comma: dict[str, int] = {} if with_comma is None else with_comma
-        self.alone: dict[str, int] = {} if alone is None else alone
-        self.frozen = frozen
-        self._new = (self.with_comma, self.alone) if not frozen else ({}, {})
-
-    def _tokenizer(self):
-        if self._tok is None:
-            try:
-                from .clip_tokenizer import sdxl_tokenizer
-                self._tok = sdxl_tokenizer(1).backend_tokenizer
-            except ImportError:
-                raise HakubooruError("caption token lengths need transformers (the train extra): "
-                                     "pip install 'hakubooru[train]'") from None
-            self._tok.no_truncation()
-            self._tok.no_padding()
-        return self._tok
-
-    def learn(self, tags) -> None:
-        """Tokenize the tags not known yet (in one batch). A tag ending in a letter or digit
-        is followed by the comma as a pre-token of its own (one more token); one ending in
-        punctuation may merge with it (``"),"``), so that form is tokenized too."""
-        with_comma, alone = self._new
-        new = [t for t in set(tags) if t not in self.alone and t not in alone]
-        if not new:
-            return
-        tok = self._tokenizer()
-        for tag, enc in zip(new, tok.encode_batch(new, add_special_tokens=False)):
-            alone[tag] = len(enc.ids)
-        odd = []
-        for tag in new:
-            if tag[-1:].isalnum():
-                with_comma[tag] = alone[tag] + 1
-            else:
-                odd.append(tag)
-        comma = SEPARATOR.strip()
-        for tag, enc in zip(odd, tok.encode_batch([t + comma for t in odd], add_special_tokens=False)):
-            with_comma[tag] = len(enc.ids)
-
-    def lengths(self, groups: list[list[str]], per: int) -> tuple[np.ndarray, bool]:
-        """Tokens of each caption ``", ".join(tags)``, the captions given as their groups' tag
-        lists (``per`` consecutive lists a caption, in caption order), and whether every tag
-        was known before (else the new ones are tokenized first, in one batch)."""
-        sizes = np.array(list(map(len, groups)), dtype=np.int64).reshape(-1, per).sum(axis=1)
-        flat = list(chain.from_iterable(groups))
-        try:
-            return _caption_lengths(flat, sizes, self.with_comma, self.alone), True
-        except KeyError:
-            pass
-        self.learn(flat)
-        if not self.frozen:
-            return _caption_lengths(flat, sizes, self.with_comma, self.alone), False
-        with_comma, alone = self._new
-        local = set(flat)
-        return _caption_lengths(flat, sizes, {t: self.with_comma.get(t) or with_comma[t] for t in local},
-                                {t: self.alone.get(t) or alone[t] for t in local}), False
-
-    def ends(self, tags: list[str]) -> list[int]:
-        """For each tag, the caption's tokens up to the end of its own text (its comma left out)."""
-        out, before = [], 0
-        for t in tags:
-            alone = self.alone[t] if t in self.alone else self._new[1][t]
-            out.append(before + alone)
-            before += self.with_comma[t] if t in self.with_comma else self._new[0][t]
-        return out
-
-
-def _caption_lengths(flat: list[str], sizes: np.ndarray, with_comma: dict, alone: dict) -> np.ndarray:
-    """Per caption (``sizes`` consecutive tags of ``flat`` each): its tags' tokens with their
-    commas, the last one's without."""
-    tokens = np.array(list(map(with_comma.__getitem__, flat)), dtype=np.int64)  # fromiter: twice as slow
-    ends = np.cumsum(sizes)
-    running = np.concatenate(([0], np.cumsum(tokens)))
-    out = running[ends] - running[ends - sizes]
-    last = (ends - 1)[sizes > 0]
-    out[sizes > 0] += np.array([alone[flat[i]] for i in last.tolist()], dtype=np.int64) - tokens[last]
-    return out
-
-
 def collect(shards_dir, *, max_windows: int = 3, db=None, workers: int = 1,
             progress: bool = True) -> dict:
     """The report's numbers for a shard folder, as a JSON-able dict. ``max_windows``: the
@@ -176,11 +87,7 @@ def collect(shards_dir, *, max_windows: int = 3, db=None, workers: int = 1,
     manifest = _read_json_file(root / MANIFEST_FILE) or {}
     tag_types = load_tag_types(db) if db is not None else None
     totals = read_tag_counts(root, manifest["fingerprint"]) if manifest.get("fingerprint") else None
-    known = None
-    if totals is not None:  # every tag tokenized once, here, not in each worker
-        tokens = _TokenLengths()
-        tokens.learn(totals)
-        known = (tokens.with_comma, tokens.alone)
+    stored = list(totals or ())  # every stored tag tokenized once, not once in each worker
 
     shard = table.column("shard").combine_chunks()
     names = [str(n) for n in shard.dictionary.to_pylist()]
@@ -190,36 +97,14 @@ def collect(shards_dir, *, max_windows: int = 3, db=None, workers: int = 1,
     ids = table.column("id").to_numpy()
     tasks = [(str(root / names[codes[rows[0]]]), offsets[rows], sizes[rows], ids[rows])
              for rows in shard_runs(codes, offsets)]
-    per_task = -(-len(tasks) // (workers * _TASKS_PER_WORKER))  # few merges, a bar that still moves
-    chunks = [tasks[i:i + per_task] for i in range(0, len(tasks), per_task)]
-    stats = _Accumulator(tag_types, max_windows, derive=known is not None)
-    bar = tqdm(total=table.num_rows, unit="rec", disable=not progress, desc="records")
-    if workers == 1 or len(chunks) == 1:
-        _init_worker(tag_types, max_windows, known)
-        parts = map(_scan, chunks)
-        pool = None
-    else:
-        import multiprocessing
-
-        pool = multiprocessing.get_context("spawn").Pool(min(workers, len(chunks)), _init_worker,
-                                                         (tag_types, max_windows, known))
-        parts = pool.imap(_scan, chunks)  # in order: the merged counts do not depend on it anyway
-    try:
-        for part in parts:
-            stats.merge(part)
-            bar.update(part.samples)
-    finally:
-        if pool is not None:
-            pool.terminate()
-        bar.close()
-    if totals is not None:
-        stats.derive_general(totals)
+    counts = _scan_all(tasks, stored, max_windows, totals is not None, workers, progress)
+    tags = _tag_counters(counts, stored, tag_types, totals)
 
     width = table.column("width").to_numpy().astype(np.int64)
     height = table.column("height").to_numpy().astype(np.int64)
     out = {
         "folder": str(root), "samples": table.num_rows, "shards": len(tasks),
-        **stats.result(),
+        **_numbers(counts, tags, max_windows),
         "images": _image_stats(width, height),
         "skipped": _skipped(root, manifest),
         "provenance": _provenance(manifest),
@@ -229,153 +114,96 @@ def collect(shards_dir, *, max_windows: int = 3, db=None, workers: int = 1,
 
 
 _TASKS_PER_WORKER = 8
-_WORKER: dict = {}
 
 
-def _init_worker(tag_types, max_windows: int, known) -> None:
-    tokens = _TokenLengths(*known, frozen=True) if known is not None else _TokenLengths()
-    _WORKER.update(tag_types=tag_types, max_windows=max_windows, tokens=tokens, derive=known is not None)
+def _scan_all(tasks: list, stored: list[str], max_windows: int, derive: bool, workers: int,
+              progress: bool) -> RecordCounts:
+    """The counts of every shard run, in ``workers`` processes (spawned) or in this one; the
+    stored tags are tokenized once, split among the same processes."""
+    per_task = -(-len(tasks) // (workers * _TASKS_PER_WORKER))  # few merges, a bar that still moves
+    chunks = [tasks[i:i + per_task] for i in range(0, len(tasks), per_task)]
+    total = RecordCounts(WINDOW * max_windows, derive, len(stored))
+    setup = (stored, WINDOW * max_windows, derive)
+    if workers == 1 or len(chunks) == 1:
+        init_worker(*setup, threads=True)
+        tokens = tokenize(stored)
+        pool, parts = None, map(scan, [(chunk, tokens) for chunk in chunks])
+    else:
+        import multiprocessing
+
+        pool = multiprocessing.get_context("spawn").Pool(min(workers, len(chunks)), init_worker, setup)
+    bar = tqdm(total=sum(len(t[2]) for t in tasks), unit="rec", disable=not progress, desc="records")
+    try:
+        if pool is not None:
+            step = -(-len(stored) // (workers * 4)) or 1
+            tokens = tuple(map(np.concatenate, zip(*pool.map(tokenize, [stored[i:i + step] for i in
+                                                                       range(0, len(stored), step)] or [[]]))))
+            parts = pool.imap(scan, [(chunk, tokens) for chunk in chunks])  # in order (the sums do not depend on it)
+        for part in parts:
+            total.merge(part)
+            bar.update(part.samples)
+    finally:
+        if pool is not None:
+            pool.terminate()
+        bar.close()
+    return total
 
 
-def _scan(tasks) -> "_Accumulator":
-    """The counts of some shards' records (in a worker process, or in this one)."""
-    acc = _Accumulator(_WORKER["tag_types"], _WORKER["max_windows"], _WORKER["derive"])
-    for path, offsets, sizes, ids in tasks:
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            raise HakubooruError(f"{path} is named in {INDEX_FILE} but missing") from None
-        try:
-            records = []
-            for offset, size, post_id in zip(offsets.tolist(), sizes.tolist(), ids.tolist()):
-                try:
-                    records.append(json.loads(os.pread(fd, size, offset).decode()))
-                except (ValueError, UnicodeDecodeError):
-                    raise HakubooruError(f"post {post_id} in {path}: its .json record is not "
-                                         "valid JSON; rebuild the shard") from None
-        finally:
-            os.close(fd)
-        acc.add(records, path, _WORKER["tokens"])
-    acc.tag_types = None  # not sent back
-    return acc
-
-
-def _is_caption_record(rec) -> bool:
-    return isinstance(rec, dict) and "rating" in rec and all(isinstance(rec.get(g), list) for g in CAPTION_GROUPS)
-
-
-class _Accumulator:
-    """Counts over the records, shard by shard. ``derive``: the general tags are not counted
-    but derived at the end from the folder's stored tag counts, less ``counted`` (the other
-    groups' tags; every tag of a caption with a tag the stored counts lack, normalized as they
-    are, while its general tags are counted)."""
-
-    def __init__(self, tag_types, max_windows: int, derive: bool = False):
-        self.tag_types = tag_types
-        self.limit = WINDOW * max_windows
-        self.max_windows = max_windows
-        self.derive = derive
-        self.counted: dict[str, int] = Counter()
-        self.rating, self.year, self.quality = Counter(), Counter(), Counter()
-        cats = TAG_GROUPS + ("unknown",) if tag_types is not None else ("people", _KEEP_REST, "general", "meta")
-        self.tags = {c: Counter() for c in cats}
-        self.lengths = np.zeros(0, dtype=np.int64)  # samples per caption length
-        self.samples = 0
-        self.cut_captions = 0
-        self.cut_tokens = 0
-        self.cut_tags = Counter()  # group -> tags whose text reaches past the limit
-
-    def merge(self, other: "_Accumulator") -> None:
-        """Add another accumulator's counts to these."""
-        for mine, theirs in ((self.rating, other.rating), (self.year, other.year), (self.quality, other.quality),
-                             (self.cut_tags, other.cut_tags), (self.counted, other.counted)):
-            mine.update(theirs)
-        for cat, counter in other.tags.items():
-            self.tags[cat].update(counter)
-        n = max(len(self.lengths), len(other.lengths))
-        self.lengths = np.pad(self.lengths, (0, n - len(self.lengths))) + np.pad(other.lengths, (0, n - len(other.lengths)))
-        self.samples += other.samples
-        self.cut_captions += other.cut_captions
-        self.cut_tokens += other.cut_tokens
-
-    def derive_general(self, totals: dict[str, int]) -> None:
-        """Add the general tags' counts: the stored counts of every tag less ``counted``."""
-        counted = self.counted
-        self.tags["general"].update({t: n - counted[t] for t, n in totals.items() if n > counted.get(t, 0)})
-
-    def add(self, records: list[dict], where: str, tokens: _TokenLengths) -> None:
-        try:
-            groups = [rec[g] for rec in records for g in CAPTION_GROUPS]
-            lengths, clean = tokens.lengths(groups, len(CAPTION_GROUPS))
-            self.rating.update([rec["rating"] or "unknown" for rec in records])
-            self.year.update([rec["year"][0] if rec["year"] else "none" for rec in records])
-            self.quality.update([rec["quality"][0] if rec["quality"] else "none" for rec in records])
-        except (KeyError, TypeError, IndexError, ValueError):
-            bad = next((r for r in records if not _is_caption_record(r)), None)
-            raise HakubooruError(f"post {bad.get('id', '?') if isinstance(bad, dict) else '?'} in "
-                                 f"{where}: its .json record lacks the caption groups "
-                                 f"({', '.join(CAPTION_GROUPS)})") from None
-        tags_of = self.tags
-        keep = Counter(chain.from_iterable(rec["keep"] for rec in records))
-        meta = Counter(chain.from_iterable(rec["meta"] for rec in records))
-        tags_of["meta"].update(meta)
-        if self.derive and clean:  # every tag is one of the stored counts' (stripped, lower-case)
-            self.counted.update(keep)
-            self.counted.update(meta)
-            self.counted.update(chain.from_iterable(rec[g] for rec in records for g in ("quality", "year", "rating_tags")))
+def _tag_counters(counts: RecordCounts, names: list[str], tag_types, totals) -> dict[str, Counter]:
+    """Tag group -> Counter of its tags: the keep tags split into people and (by ``tag_types``,
+    else together) character, copyright and artist; the general tags counted, plus (with the
+    stored counts ``totals``, in the order of ``names``) the stored counts less ``counted``."""
+    cats = TAG_GROUPS + ("unknown",) if tag_types is not None else ("people", _KEEP_REST, "general", "meta")
+    tags = {c: Counter() for c in cats}
+    tags["meta"].update(counts.named("meta", names))
+    tags["general"].update(counts.named("general", names))
+    if totals is not None:
+        stored = np.fromiter(totals.values(), dtype=np.int64, count=len(totals))
+        left = stored - np.pad(counts.counted, (0, len(stored) - len(counts.counted)))
+        more = np.flatnonzero(left > 0)
+        tags["general"].update(dict(zip(map(names.__getitem__, more.tolist()), left[more].tolist())))
+    for t, n in counts.named("keep", names).items():
+        if t in _PEOPLE:
+            kind = "people"
+        elif tag_types is None:
+            kind = _KEEP_REST
         else:
-            tags_of["general"].update(chain.from_iterable(rec["general"] for rec in records))
-            if self.derive:
-                add_tags(self.counted, chain.from_iterable(groups))
-        for t, n in keep.items():
-            if t in _PEOPLE:
-                kind = "people"
-            elif self.tag_types is None:
-                kind = _KEEP_REST
-            else:
-                kind = self.tag_types.get(t, "unknown")
-            tags_of.get(kind, tags_of.get("unknown"))[t] += n
-        self.samples += len(lengths)
-        found = np.bincount(lengths, minlength=len(self.lengths))
-        self.lengths = np.pad(self.lengths, (0, len(found) - len(self.lengths))) + found
-        for i in np.flatnonzero(lengths > self.limit).tolist():
-            rec, n = records[i], int(lengths[i])
-            self.cut_captions += 1
-            self.cut_tokens += n - self.limit
-            groups_of = [g for g in CAPTION_GROUPS for _ in rec[g]]
-            caption = [t for g in CAPTION_GROUPS for t in rec[g]]
-            # a tag is cut when its own text (not just its comma) reaches past the limit
-            self.cut_tags.update(g for g, end in zip(groups_of, tokens.ends(caption)) if end > self.limit)
+            kind = tag_types.get(t, "unknown")
+        tags.get(kind, tags.get("unknown"))[t] += n
+    return tags
 
-    def result(self) -> dict:
-        lengths = np.repeat(np.arange(len(self.lengths)), self.lengths)
-        tags = {}
-        for cat, counter in self.tags.items():
-            counts = np.fromiter(counter.values(), dtype=np.int64, count=len(counter))
-            tags[cat] = {"distinct": len(counter), "occurrences": int(counts.sum()),
-                         **{f"at_least_{t}": int((counts >= t).sum()) for t in THRESHOLDS},
-                         "top": [[t, c] for t, c in sorted(counter.items(), key=lambda kv: (-kv[1], kv[0]))[:TOP_TAGS]]}
-        all_counts = Counter()
-        for counter in self.tags.values():
-            all_counts.update(counter)
-        counts = np.fromiter(all_counts.values(), dtype=np.int64, count=len(all_counts))
-        return {
-            "rating": _in_order(self.rating, RATINGS + ("unknown",)),
-            "year": _in_order(self.year, tuple(tag for _, tag in YEAR_TAGS) + ("none",)),
-            "quality": _in_order(self.quality, tuple(t for _, t in QUALITY_LEVELS) + (LOWEST_QUALITY, "none")),
-            "tags": tags,
-            "tags_all": {"distinct": len(all_counts),
-                         **{f"at_least_{t}": int((counts >= t).sum()) for t in THRESHOLDS}},
-            "tokens": {
-                "max_windows": self.max_windows, "limit": self.limit,
-                "over": {str(k * WINDOW): int((lengths > k * WINDOW).sum()) for k in (1, 2, 3)},
-                "percentiles": {str(p): float(np.percentile(lengths, p)) for p in (50, 90, 99, 100)},
-                "mean": float(lengths.mean()), "cut_captions": self.cut_captions,
-                "cut_tokens": self.cut_tokens,
-                "cut_tags": {g: self.cut_tags.get(g, 0) for g in CAPTION_GROUPS},
-                "histogram": self.lengths.tolist(),
-            },
-        }
+
+def _numbers(counts: RecordCounts, tags: dict[str, Counter], max_windows: int) -> dict:
+    """The report's record sections: ratings, years, quality, tag tables and caption tokens."""
+    lengths = np.repeat(np.arange(len(counts.lengths)), counts.lengths)
+    tables = {}
+    for cat, counter in tags.items():
+        found = np.fromiter(counter.values(), dtype=np.int64, count=len(counter))
+        tables[cat] = {"distinct": len(counter), "occurrences": int(found.sum()),
+                       **{f"at_least_{t}": int((found >= t).sum()) for t in THRESHOLDS},
+                       "top": [[t, c] for t, c in sorted(counter.items(), key=lambda kv: (-kv[1], kv[0]))[:TOP_TAGS]]}
+    all_counts = Counter()
+    for counter in tags.values():
+        all_counts.update(counter)
+    found = np.fromiter(all_counts.values(), dtype=np.int64, count=len(all_counts))
+    limit = WINDOW * max_windows
+    return {
+        "rating": _in_order(counts.rating, RATINGS + ("unknown",)),
+        "year": _in_order(counts.year, tuple(tag for _, tag in YEAR_TAGS) + ("none",)),
+        "quality": _in_order(counts.quality, tuple(t for _, t in QUALITY_LEVELS) + (LOWEST_QUALITY, "none")),
+        "tags": tables,
+        "tags_all": {"distinct": len(all_counts),
+                     **{f"at_least_{t}": int((found >= t).sum()) for t in THRESHOLDS}},
+        "tokens": {
+            "max_windows": max_windows, "limit": limit,
+            "over": {str(k * WINDOW): int((lengths > k * WINDOW).sum()) for k in (1, 2, 3)},
+            "percentiles": {str(p): float(np.percentile(lengths, p)) for p in (50, 90, 99, 100)},
+            "mean": float(lengths.mean()), "cut_captions": counts.cut_captions,
+            "cut_tokens": counts.cut_tokens,
+            "cut_tags": {g: counts.cut_tags.get(g, 0) for g in CAPTION_GROUPS},
+            "histogram": counts.lengths.tolist(),
+        },
+    }
 
 
 def _in_order(counter: Counter, order) -> list:

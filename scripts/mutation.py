@@ -59,6 +59,7 @@ MODULES = {
     "hakubooru/export.py": ("tests/hakubooru/test_export.py", None),
     "hakubooru/report.py": ("tests/hakubooru/test_report.py -k 'not screenshot'", None),
     "hakubooru/report_html.py": ("tests/hakubooru/test_report.py -k 'not screenshot'", None),
+    "hakubooru/report_scan.py": ("tests/hakubooru/test_report.py -k 'not screenshot'", None),
     "hakubooru/htmlpage.py": ("tests/hakubooru/test_report.py tests/trainer/observe/test_curves.py -k 'not screenshot'", None),
     "hakubooru/shardfolder.py": ("tests/hakubooru/test_wdsindex.py tests/hakubooru/test_export.py -k 'refus or shard_file'", None),
     "hakubooru/wdsindex.py": ("tests/hakubooru/test_wdsindex.py", None),

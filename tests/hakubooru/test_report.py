@@ -289,3 +289,70 @@ def test_general_tags_from_the_stored_counts_by_hand(tmp_path):
                      str(tmp_path / "r.html"), "--quiet"]) == 0
         top = json.loads((tmp_path / "r.json").read_text())["tags"]["general"]["top"]
         assert top == sorted([["cat", 2], ["Cat", 1], ["dog", dogs]], key=lambda kv: (-kv[1], kv[0]))
+
+
+def _rewrite_record(folder: Path, post_id: int, data: bytes) -> None:
+    """Put ``data``, as long as the record it replaces, in place of a post's ``.json`` member."""
+    import pyarrow.parquet as pq
+
+    row = next(r for r in pq.read_table(folder / "index.parquet").to_pylist() if r["id"] == post_id)
+    assert len(data) == row["json_size"]
+    with open(folder / row["shard"], "r+b") as f:
+        f.seek(row["json_offset"])
+        f.write(data)
+
+
+@pytest.mark.parametrize("across_lines", [False, True])
+@pytest.mark.parametrize("stored_counts", [False, True])
+def test_records_as_other_writers_write_them_by_hand(tmp_path, capsys, across_lines, stored_counts):
+    # Post 1: a tag holding a line break ("a\nb", escaped in the JSON), "café", a null rating
+    # (counted "unknown"). Post 2: "ü" written as raw UTF-8 (ensure_ascii=False, padded with
+    # spaces to the record's length). Post 3, with across_lines: its record spread over lines,
+    # ", " -> ",\n" (the report then reads those records one by one). By hand: ratings general 2,
+    # unknown 1; general cat 2, dog 1, café 1, "a\nb" 1; meta ü 1; the caption lengths those of
+    # the whole captions tokenized — with the stored counts too (general = stored less the rest).
+    from hakubooru.cli import main
+    from hakubooru.clip_tokenizer import sdxl_tokenizer
+    from hakubooru.tagcounts import add_tags, record_tags, write_tag_counts
+
+    recs = [{**_record(1, ["café", "a\nb"]), "rating": None}, {**_record(2, ["cat"]), "meta": ["ü"]},
+            _record(3, ["cat", "dog"])]
+    folder = write_shard_folder(tmp_path / "out", [(r, b"x") for r in recs])
+    plain = json.dumps(recs[1], ensure_ascii=False).encode()
+    _rewrite_record(folder, 2, plain + b" " * (len(json.dumps(recs[1])) - len(plain)))
+    if across_lines:
+        _rewrite_record(folder, 3, json.dumps(recs[2]).replace(", ", ",\n").encode())
+    if stored_counts:
+        counts = {}
+        for r in recs:
+            add_tags(counts, record_tags(r))
+        write_tag_counts(folder, counts, json.loads((folder / "manifest.json").read_text())["fingerprint"])
+    assert main(["report", str(folder), "--json", str(tmp_path / "r.json"), "--html", str(tmp_path / "r.html"),
+                 "--quiet"]) == 0, capsys.readouterr().err
+    out = json.loads((tmp_path / "r.json").read_text())
+    assert out["rating"] == [["general", 2], ["unknown", 1]]
+    assert out["tags"]["general"]["top"] == [["cat", 2], ["a\nb", 1], ["café", 1], ["dog", 1]]
+    assert out["tags"]["meta"]["top"] == [["ü", 1]]
+    assert out["tags"]["people"]["top"] == [["1girl", 3]]
+    captions = [", ".join(t for g in GROUPS for t in r[g]) for r in recs]
+    lengths = [len(ids) for ids in sdxl_tokenizer(1)(captions, add_special_tokens=False).input_ids]
+    assert out["tokens"]["histogram"] == np.bincount(lengths).tolist()
+
+
+def test_bad_records_and_a_missing_shard_are_one_error_line_each(tmp_path, capsys):
+    # shards are read in order, so post 2's bad record (shard 0) is named before the missing
+    # shard 1; bytes that are not UTF-8 are not valid JSON either
+    from hakubooru.cli import main
+
+    folder = write_shard_folder(tmp_path / "out", [(_record(i, ["cat"]), b"x") for i in range(1, 5)], per_shard=2)
+    shard0, shard1 = folder / "shard-000000.tar", folder / "shard-000001.tar"
+    good = json.dumps(_record(2, ["cat"])).encode()
+    shard1.unlink()
+    for bad in (b"x" + good[1:], good.replace(b'"cat"', b'"ca\xff"')):
+        _rewrite_record(folder, 2, bad)
+        assert main(["report", str(folder), "--html", str(tmp_path / "r.html"), "--quiet"]) == 2
+        assert capsys.readouterr().err.splitlines() == [
+            f"error: post 2 in {shard0}: its .json record is not valid JSON; rebuild the shard"]
+    _rewrite_record(folder, 2, good)
+    assert main(["report", str(folder), "--html", str(tmp_path / "r.html"), "--quiet"]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"error: {shard1} is named in index.parquet but missing"]
