@@ -62,6 +62,18 @@ def die_with_parent(parent_pid: int) -> None:
     threading.Thread(target=_watch, args=(parent_pid,), name="die-with-parent", daemon=True).start()
 
 
+def _start(parent_pid: int, initializer, initargs) -> None:
+    worker_start(parent_pid)
+    if initializer is not None:
+        initializer(*initargs)
+
+
+def spawn_pool(workers: int, initializer=None, initargs=()):
+    """A ``multiprocessing`` pool of ``workers`` spawned processes (fresh interpreters) that
+    end with this one and leave SIGINT to it; each runs ``initializer(*initargs)`` first."""
+    return multiprocessing.get_context("spawn").Pool(workers, _start, (os.getpid(), initializer, initargs))
+
+
 def ordered_map(func, items: list, workers: int, chunksize: int = 1):
     """``map(func, items)``, in order, in ``workers`` forked processes (spawned off Linux) that end
     with this one; in this process for one worker or one item. Stopping the iteration ends them."""

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from .captioner import CAPTION_GROUPS
 from .errors import HakubooruError
 from .manifest import INDEX_FILE, MANIFEST_FILE, SKIPPED_FILE
+from .procs import spawn_pool
 from .report_scan import RecordCounts, init_worker, scan, tokenize
 from .shardfolder import shard_runs
 from .tagcounts import read_tag_counts
@@ -129,9 +130,7 @@ def _scan_all(tasks: list, stored: list[str], max_windows: int, derive: bool, wo
         tokens = tokenize(stored)
         pool, parts = None, map(scan, [(chunk, tokens) for chunk in chunks])
     else:
-        import multiprocessing
-
-        pool = multiprocessing.get_context("spawn").Pool(min(workers, len(chunks)), init_worker, setup)
+        pool = spawn_pool(min(workers, len(chunks)), init_worker, setup)
     bar = tqdm(total=sum(len(t[2]) for t in tasks), unit="rec", disable=not progress, desc="records")
     try:
         if pool is not None:
