@@ -42,6 +42,24 @@ def forking():
         signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
+@contextlib.contextmanager
+def sigterm_interrupts():
+    """SIGTERM stops this process as Ctrl-C does (KeyboardInterrupt) inside the block, so the
+    ``with`` and ``finally`` blocks around the work run; the handler before it comes back."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def worker_start(parent_pid: int) -> None:
     """First thing in a worker: SIGTERM ends it, SIGINT is left to the parent (which ends its
     workers), and it dies with process ``parent_pid``."""
@@ -68,10 +86,14 @@ def _start(parent_pid: int, initializer, initargs) -> None:
         initializer(*initargs)
 
 
-def spawn_pool(workers: int, initializer=None, initargs=()):
-    """A ``multiprocessing`` pool of ``workers`` spawned processes (fresh interpreters) that
-    end with this one and leave SIGINT to it; each runs ``initializer(*initargs)`` first."""
-    return multiprocessing.get_context("spawn").Pool(workers, _start, (os.getpid(), initializer, initargs))
+def worker_pool(workers: int, initializer=None, initargs=(), method: str = "fork"):
+    """A ``multiprocessing`` pool of ``workers`` processes, forked (spawned off Linux, or with
+    ``method="spawn"``: fresh interpreters), that end with this one and leave SIGINT to it;
+    each runs ``initializer(*initargs)`` first."""
+    if not sys.platform.startswith("linux"):
+        method = "spawn"
+    with forking():
+        return multiprocessing.get_context(method).Pool(workers, _start, (os.getpid(), initializer, initargs))
 
 
 def ordered_map(func, items: list, workers: int, chunksize: int = 1):
@@ -80,9 +102,7 @@ def ordered_map(func, items: list, workers: int, chunksize: int = 1):
     if workers <= 1 or len(items) <= 1:
         yield from map(func, items)
         return
-    with forking():
-        pool = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn").Pool(
-            min(workers, len(items)), worker_start, (os.getpid(),))
+    pool = worker_pool(min(workers, len(items)))
     try:
         yield from pool.imap(func, items, chunksize=chunksize)
     finally:

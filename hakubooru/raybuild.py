@@ -22,6 +22,7 @@ from pathlib import Path
 from . import manifest as mf
 from .buildlock import BuildLock
 from .errors import HakubooruError
+from .procs import sigterm_interrupts
 
 EXTRA = "pip install 'hakubooru[ray]'"
 LOCAL = "local"  # --ray without an address: a Ray started in this process, stopped at the end
@@ -84,7 +85,7 @@ class RayShards:
             raise HakubooruError(f"cannot {'start' if self.options.address == LOCAL else 'reach'} "
                                  f"Ray at {self.options.address}: {_first_line(e)}") from None
         self._stack.callback(self.ray.shutdown)
-        self._stack.enter_context(_sigterm_interrupts())  # after init: Ray installs its own
+        self._stack.enter_context(sigterm_interrupts())  # after init: Ray installs its own
         return self
 
     def __exit__(self, *exc) -> None:
@@ -209,20 +210,3 @@ def _set_sigterm(handler) -> None:
     with contextlib.suppress(ValueError, TypeError):  # not the main thread; None: not set from Python
         signal.signal(signal.SIGTERM, handler)
 
-
-@contextlib.contextmanager
-def _sigterm_interrupts():
-    """SIGTERM stops the driver as Ctrl-C does, so the ``with`` blocks end (the local Ray is
-    shut down, the cluster's tasks cancelled)."""
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    try:
-        previous = signal.signal(signal.SIGTERM, interrupt)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)

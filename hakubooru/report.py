@@ -22,7 +22,7 @@ from tqdm import tqdm
 from .captioner import CAPTION_GROUPS
 from .errors import HakubooruError
 from .manifest import INDEX_FILE, MANIFEST_FILE, SKIPPED_FILE
-from .procs import spawn_pool
+from .procs import worker_pool
 from .report_scan import RecordCounts, init_worker, scan, tokenize
 from .shardfolder import shard_runs
 from .tagcounts import read_tag_counts
@@ -130,7 +130,7 @@ def _scan_all(tasks: list, stored: list[str], max_windows: int, derive: bool, wo
         tokens = tokenize(stored)
         pool, parts = None, map(scan, [(chunk, tokens) for chunk in chunks])
     else:
-        pool = spawn_pool(min(workers, len(chunks)), init_worker, setup)
+        pool = worker_pool(min(workers, len(chunks)), init_worker, setup, method="spawn")
     bar = tqdm(total=sum(len(t[2]) for t in tasks), unit="rec", disable=not progress, desc="records")
     try:
         if pool is not None:

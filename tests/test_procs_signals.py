@@ -13,7 +13,7 @@ import threading
 import pytest
 
 from hakubooru.builder import _pool
-from hakubooru.procs import forking, ordered_map, spawn_pool
+from hakubooru.procs import forking, ordered_map, worker_pool
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="POSIX signal masks")
 
@@ -63,7 +63,7 @@ def test_build_pool_workers_reset_the_parents_handlers(raising_handlers):
 
 
 def test_spawned_pool_workers_reset_their_handlers_and_die_with_the_parent(raising_handlers):
-    with spawn_pool(2) as pool:  # the dataset report's
+    with worker_pool(2, method="spawn") as pool:  # the dataset report's
         got = pool.map(_signals, range(6))
     assert got == [WORKER] * 6
 

@@ -14,12 +14,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import signal
 import sys
 from pathlib import Path
 
 from hakubooru.errors import HakubooruError
 from hakubooru.manifest import write_atomic, write_parquet
+from hakubooru.procs import sigterm_interrupts
 from hakubooru.shardfolder import shard_folder
 
 SETTINGS = "settings.json"
@@ -75,7 +75,7 @@ def _sha256(path) -> str:
 def main(argv=None) -> int:
     """The ``eval`` subcommand; errors are HakubooruError (one line)."""
     args = build_parser().parse_args(argv)
-    from trainers.lokr.observe.ccip import CCIP, require_imgutils, resolve
+    from trainers.lokr.observe.ccip import require_imgutils, resolve
     require_imgutils()
     ccip_folder = resolve(args.ccip_model)
     for n, what in ((args.characters, "--characters"), (args.images_per_character, "--images-per-character"),
@@ -91,53 +91,60 @@ def main(argv=None) -> int:
     from trainers.lokr.config import load_config
     cfg = load_config(args.config, [*args.set, ("model.pretrained", args.pretrained)])
 
-    from trainers.lokr.distributed import barrier, init_distributed, on_main, shutdown
+    from trainers.lokr.distributed import init_distributed, shutdown
+
+    dist = init_distributed()
+    try:
+        with sigterm_interrupts():  # SIGTERM stops like Ctrl-C
+            _evaluate(args, cfg, shards, ccip_folder, dist)
+    finally:
+        shutdown(dist)
+    return 0
+
+
+def _evaluate(args, cfg: dict, shards: Path, ccip_folder: Path, dist) -> None:
+    """Choose the characters, render and score on every rank, write the results on rank 0."""
+    from trainers.lokr.distributed import barrier, on_main
+    from trainers.lokr.observe.ccip import CCIP
     from trainers.lokr.observe import eval_characters as ec
     from trainers.lokr.observe.eval_run import collect_scores, render_and_score
 
-    dist = init_distributed()
-    before = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops like Ctrl-C
-    try:
-        progress = dist.is_main and not args.no_progress
-        chosen = on_main(lambda: ec.choose_characters(  # one read of the records, on rank 0
-            shards, ec.tag_types(args.db), characters=args.characters, references=args.references,
-            seed=args.seed, progress=progress), dist)
-        if not chosen:
-            raise HakubooruError(f"no character of {shards} has {args.references} single-character samples "
-                                 "(1girl/1boy/1other and one character tag); lower --references, or check that "
-                                 f"{args.db} is the database the shards were built from")
-        models = model_names(args.lokr)
-        ccip = CCIP(ccip_folder)
-        out = Path(args.out)
-        settings = {"pretrained": str(args.pretrained),
-                    "models": [[n, p, _sha256(p) if p else None] for n, p in models],
-                    "characters": [c.name for c in chosen], "references": args.references,
-                    "images_per_character": args.images_per_character, "seed": args.seed,
-                    "sample": {k: cfg["sample"][k] for k in ("sampler", "width", "height", "steps", "guidance",
-                                                             "negative_prompt")},
-                    "mixed_precision": cfg["train"]["mixed_precision"],
-                    "ccip_model": _sha256(ccip_folder / "model_feat.onnx"), "threshold": ccip.threshold}
-        _check_settings(out, settings)
-        barrier(dist)
-        if dist.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            write_atomic(out / SETTINGS, (json.dumps(settings, indent=1) + "\n").encode())
-            write_parquet(out / "characters.parquet", ec.characters_table(chosen))
-            print(f"eval: {len(chosen)} characters × {args.images_per_character} images × {len(models)} models "
-                  f"on {dist.world_size} rank(s) -> {out}/", file=sys.stderr)
-        barrier(dist)
-        render_and_score(cfg, models, chosen, shards, out, ccip, dist,
-                         images_per_character=args.images_per_character, seed=args.seed, progress=progress)
-        barrier(dist)
-        if dist.is_main:
-            summary = _write_results(out, models, chosen, collect_scores(out, models, chosen), settings,
-                                     ccip_folder, args)
-            print("eval: " + "; ".join(f"{m['name']} CCIP {m['ccip']:.4f}, same {m['same']:.3f}"
-                                       for m in summary["models"]) + f" -> {out}/index.html")
-    finally:
-        signal.signal(signal.SIGTERM, before)
-        shutdown(dist)
-    return 0
+    progress = dist.is_main and not args.no_progress
+    chosen = on_main(lambda: ec.choose_characters(  # one read of the records, on rank 0
+        shards, ec.tag_types(args.db), characters=args.characters, references=args.references,
+        seed=args.seed, progress=progress), dist)
+    if not chosen:
+        raise HakubooruError(f"no character of {shards} has {args.references} single-character samples "
+                             "(1girl/1boy/1other and one character tag); lower --references, or check that "
+                             f"{args.db} is the database the shards were built from")
+    models = model_names(args.lokr)
+    ccip = CCIP(ccip_folder)
+    out = Path(args.out)
+    settings = {"pretrained": str(args.pretrained),
+                "models": [[n, p, _sha256(p) if p else None] for n, p in models],
+                "characters": [c.name for c in chosen], "references": args.references,
+                "images_per_character": args.images_per_character, "seed": args.seed,
+                "sample": {k: cfg["sample"][k] for k in ("sampler", "width", "height", "steps", "guidance",
+                                                         "negative_prompt")},
+                "mixed_precision": cfg["train"]["mixed_precision"],
+                "ccip_model": _sha256(ccip_folder / "model_feat.onnx"), "threshold": ccip.threshold}
+    _check_settings(out, settings)
+    barrier(dist)
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(out / SETTINGS, (json.dumps(settings, indent=1) + "\n").encode())
+        write_parquet(out / "characters.parquet", ec.characters_table(chosen))
+        print(f"eval: {len(chosen)} characters × {args.images_per_character} images × {len(models)} models "
+              f"on {dist.world_size} rank(s) -> {out}/", file=sys.stderr)
+    barrier(dist)
+    render_and_score(cfg, models, chosen, shards, out, ccip, dist,
+                     images_per_character=args.images_per_character, seed=args.seed, progress=progress)
+    barrier(dist)
+    if dist.is_main:
+        summary = _write_results(out, models, chosen, collect_scores(out, models, chosen), settings,
+                                 ccip_folder, args)
+        print("eval: " + "; ".join(f"{m['name']} CCIP {m['ccip']:.4f}, same {m['same']:.3f}"
+                                   for m in summary["models"]) + f" -> {out}/index.html")
 
 
 def _check_settings(out: Path, settings: dict) -> None:
